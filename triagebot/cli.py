@@ -1,0 +1,207 @@
+"""The `triagebot` command and its subcommands."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from triagebot.settings import Settings
+
+
+def expand(paths: list[str]) -> Iterator[Path]:
+    """Each path, a directory standing for its files in name order (CONTRACT.md)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            yield from sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith("."))
+        else:
+            yield p
+
+
+def read_input(path: Path) -> tuple[str, bytes]:
+    """The channel and raw bytes of one input file; InputError when it cannot be read."""
+    from triagebot.errors import InputError
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    if not raw.strip():
+        raise InputError("empty file")
+    if path.suffix.lower() == ".json" or (path.suffix.lower() != ".eml" and raw.lstrip()[:1] == b"{"):
+        return "slack", raw
+    return "email", raw
+
+
+def _print(obj: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, ensure_ascii=False), flush=True)
+        return
+    if "error" in obj:
+        print(f"{obj['input']}: ERROR {obj['error']}", flush=True)
+        return
+    parts = [f"{k}={obj[k]}" for k in ("action", "case", "disposition", "language", "category", "service",
+                                       "severity") if obj.get(k) is not None]
+    br = obj.get("blast_radius")
+    if br:
+        parts.append(f"blast={br['tier']}/{br['estimate']}")
+    print(f"{obj['input']}: " + " ".join(parts), flush=True)
+    for line in obj.get("trail", []):
+        print(f"    {line}", flush=True)
+
+
+def cmd_triage(args: argparse.Namespace, settings: Settings) -> int:
+    """Classify inputs without storing anything."""
+    from triagebot.errors import InputError
+    from triagebot.ingest import normalize
+    from triagebot.pipeline import Pipeline, triage_record
+    pipeline = Pipeline.default(settings)
+    status = 0
+    for path in expand(args.paths):
+        try:
+            channel, raw = read_input(path)
+            message = normalize(channel, raw)
+            record = {"input": str(path), **triage_record(message, pipeline.run(message))}
+        except InputError as e:
+            record, status = {"input": str(path), "error": str(e)}, 1
+        except Exception as e:  # a bug must not stop the other inputs, and never prints a traceback
+            logging.getLogger(__name__).error("triage of %s failed", path, exc_info=True)
+            record, status = {"input": str(path), "error": f"internal error: {type(e).__name__}: {e}".replace("\n", " ")}, 1
+        _print(record, args.json)
+    return status
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the whole pipeline on each input and store the result."""
+    from triagebot.db import queue
+    from triagebot.db.engine import open_db
+    from triagebot.errors import InputError
+    from triagebot.ingest import Processor
+    from triagebot.pipeline import triage_record
+    _engine, sessions = open_db(settings.database_url)
+    processor = Processor(settings, sessions)
+    status = 0
+    for path in expand(args.paths):
+        try:
+            channel, raw = read_input(path)
+        except InputError as e:
+            _print({"input": str(path), "error": str(e)}, args.json)
+            status = 1
+            continue
+        intake_id = queue.enqueue(sessions, channel, raw, origin=f"cli:{path}")
+        item = queue.claim_one(sessions, intake_id, "cli")
+        try:
+            out = processor.process(item)
+        except Exception as e:
+            queue.mark_failed(sessions, intake_id, f"{type(e).__name__}: {e}", settings.max_attempts)
+            logging.getLogger(__name__).error("ingest of %s failed", path, exc_info=True)
+            _print({"input": str(path), "error": f"internal error: {type(e).__name__}: {e}".replace("\n", " ")}, args.json)
+            status = 1
+            continue
+        if out.action == "error":
+            _print({"input": str(path), "error": out.error}, args.json)
+            status = 1
+            continue
+        record = {"input": str(path), "message_id": out.message.message_id, "action": out.action, "case": out.case}
+        record.update({k: v for k, v in triage_record(out.message, out.triage).items() if k not in record})
+        _print(record, args.json)
+    return status
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Counts of messages, cases, queued and failed intake rows."""
+    from triagebot.db import queue
+    from triagebot.db.engine import open_db
+    from triagebot.db.tables import Case, Intake, MessageRow
+    from sqlalchemy import func, select
+    _engine, sessions = open_db(settings.database_url)
+    q = queue.counts(sessions)
+    with sessions() as s:
+        out = {"messages": s.scalar(select(func.count()).select_from(MessageRow)) or 0,
+               "cases": s.scalar(select(func.count()).select_from(Case)) or 0,
+               "queued": q.get("queued", 0) + q.get("processing", 0),
+               "failed": q.get("failed", 0)}
+        failed = [{"intake": r.id, "attempts": r.attempts, "error": r.last_error}
+                  for r in s.scalars(select(Intake).where(Intake.state == "failed").order_by(Intake.id).limit(50))]
+    if args.json:
+        print(json.dumps({**out, "failed_items": failed}))
+    else:
+        print(" ".join(f"{k}={v}" for k, v in out.items()))
+        for f in failed:
+            print(f"  failed intake {f['intake']} after {f['attempts']} attempts: {f['error']}")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    """Put failed intake rows back in the queue."""
+    from triagebot.db import queue
+    from triagebot.db.engine import open_db
+    _engine, sessions = open_db(settings.database_url)
+    n = queue.requeue(sessions, args.ids or None)
+    print(f"requeued {n}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Process the intake queue."""
+    from triagebot.worker import Worker, run_workers
+    if args.until_empty:
+        Worker(settings).run(until_empty=True)
+        return 0
+    run_workers(settings, args.concurrency)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Create or upgrade the database schema."""
+    from triagebot.db.engine import open_db
+    open_db(settings.database_url)
+    print("schema up to date")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="triagebot", description=__doc__)
+    p.add_argument("--config", help="a TOML settings file (default: TRIAGEBOT_CONFIG)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("triage", help="classify messages without storing them")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_triage)
+
+    s = sub.add_parser("ingest", help="run the whole pipeline and store the result")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("status", help="counts of messages, cases, queued and failed")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("requeue", help="put failed intake rows back in the queue")
+    s.add_argument("ids", nargs="*", type=int)
+    s.set_defaults(func=cmd_requeue)
+
+    s = sub.add_parser("worker", help="process the intake queue")
+    s.add_argument("--concurrency", type=int, default=1)
+    s.add_argument("--until-empty", action="store_true", help="stop when the queue is empty")
+    s.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("migrate", help="create or upgrade the database schema")
+    s.set_defaults(func=cmd_migrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.load(toml_path=args.config)
+    return args.func(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The intake queue: enqueue (listeners), claim / finish / fail (workers), requeue (admins).
+
+Many workers share it: on PostgreSQL a claim is `SELECT ... FOR UPDATE SKIP LOCKED`; on SQLite the
+claim runs inside BEGIN IMMEDIATE, which serializes writers. A worker that dies mid-message leaves its
+row in `processing`; once its lease (`stale_claim_seconds`) has run out, any worker takes it again.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from triagebot.db.tables import Intake, utcnow
+
+QUEUED, PROCESSING, DONE, FAILED = "queued", "processing", "done", "failed"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A claimed intake row, detached from its session."""
+
+    id: int
+    channel: str
+    raw: bytes
+    attempts: int
+    received_at: datetime
+    origin: str | None
+
+
+def content_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def enqueue(sessions: sessionmaker[Session], channel: str, raw: bytes, *, origin: str | None = None,
+            delivery_key: str | None = None, flags: list[str] | None = None) -> int | None:
+    """Store one raw message durably and return its id; None when this delivery_key was stored before.
+
+    When this returns, the row is committed: only then may a listener say 250.
+    """
+    row = Intake(channel=channel, raw=raw, content_hash=content_hash(raw), origin=origin,
+                 delivery_key=delivery_key, flags=flags or [], received_at=utcnow(), not_before=utcnow())
+    with sessions() as s:
+        s.add(row)
+        try:
+            s.commit()
+        except IntegrityError:
+            s.rollback()
+            if delivery_key is None:
+                raise
+            return None  # a redelivery (Slack retry, IMAP re-fetch): already stored
+        return row.id
+
+
+def claim(sessions: sessionmaker[Session], worker: str, limit: int = 1, lease_seconds: int = 300) -> list[Claimed]:
+    """Take up to `limit` rows to work on: queued ones whose time has come, or ones whose lease ran out."""
+    now = utcnow()
+    stale = now - timedelta(seconds=lease_seconds)
+    with sessions() as s, s.begin():
+        q = (select(Intake)
+             .where(((Intake.state == QUEUED) & (Intake.not_before <= now))
+                    | ((Intake.state == PROCESSING) & (Intake.claimed_at < stale)))
+             .order_by(Intake.id).limit(limit)
+             .with_for_update(skip_locked=True))
+        rows = list(s.scalars(q))
+        out = []
+        for r in rows:
+            r.state, r.claimed_at, r.claimed_by, r.attempts = PROCESSING, now, worker, r.attempts + 1
+            out.append(Claimed(r.id, r.channel, r.raw, r.attempts, _aware(r.received_at), r.origin))
+        return out
+
+
+def mark_done(s: Session, intake_id: int) -> None:
+    """Finish a row inside the caller's transaction, so its results and its state commit together."""
+    s.execute(update(Intake).where(Intake.id == intake_id)
+              .values(state=DONE, finished_at=utcnow(), last_error=None))
+
+
+def mark_failed(sessions: sessionmaker[Session], intake_id: int, error: str, max_attempts: int,
+                base_delay: float = 5.0) -> str:
+    """Record a failure: retry later with exponential backoff, or park as failed after max_attempts."""
+    with sessions() as s, s.begin():
+        row = s.get(Intake, intake_id)
+        if row is None:
+            return FAILED
+        row.last_error = error[:2000]
+        if row.attempts >= max_attempts:
+            row.state, row.finished_at = FAILED, utcnow()
+        else:
+            row.state = QUEUED
+            row.not_before = utcnow() + timedelta(seconds=base_delay * 2 ** (row.attempts - 1))
+        row.claimed_at = row.claimed_by = None
+        return row.state
+
+
+def requeue(sessions: sessionmaker[Session], ids: list[int] | None = None) -> int:
+    """Put failed rows (all, or the given ids) back in the queue with a fresh attempt count."""
+    with sessions() as s, s.begin():
+        q = update(Intake).where(Intake.state == FAILED)
+        if ids:
+            q = q.where(Intake.id.in_(ids))
+        res = s.execute(q.values(state=QUEUED, attempts=0, not_before=utcnow(), last_error=None))
+        return res.rowcount or 0
+
+
+def counts(sessions: sessionmaker[Session]) -> dict[str, int]:
+    """How many intake rows are in each state."""
+    with sessions() as s:
+        return {state: n for state, n in s.execute(select(Intake.state, func.count()).group_by(Intake.state))}
+
+
+def _aware(d: datetime) -> datetime:
+    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+
+
+def claim_one(sessions: sessionmaker[Session], intake_id: int, worker: str) -> Claimed:
+    """Claim one given row (for `triagebot ingest`, which processes what it just stored, in order)."""
+    with sessions() as s, s.begin():
+        r = s.get(Intake, intake_id, with_for_update=True)
+        r.state, r.claimed_at, r.claimed_by, r.attempts = PROCESSING, utcnow(), worker, r.attempts + 1
+        return Claimed(r.id, r.channel, r.raw, r.attempts, _aware(r.received_at), r.origin)

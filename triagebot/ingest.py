@@ -1,0 +1,203 @@
+"""From a claimed intake row to a stored message in a case: normalize, triage, thread, store — in one transaction."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from triagebot import threading as thr
+from triagebot.db import queue
+from triagebot.db.tables import Case, CaseEvent, Intake, MessageRow, ThreadKey, utcnow
+from triagebot.errors import InputError
+from triagebot.model import Message, Triage, case_reference
+from triagebot.pipeline import Pipeline, triage_record
+from triagebot.settings import Settings
+
+log = logging.getLogger(__name__)
+SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+TIER_RANK = {"none": 0, "single": 1, "few": 2, "many": 3, "mass": 4, "fleet": 5}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one message: the contract's ingest answer."""
+
+    action: str                  # created | threaded | duplicate | ignored | error
+    case: str | None
+    message: Message | None
+    triage: Triage | None
+    error: str | None = None
+
+
+def normalize(channel: str, raw: bytes) -> Message:
+    """Raw bytes of a channel to a Message; InputError when the content is unreadable."""
+    from triagebot.normalize.email import parse_email
+    from triagebot.normalize.slack import parse_slack
+    if channel == "slack":
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"not valid JSON: {e}") from None
+        return parse_slack(payload)
+    return parse_email(raw)
+
+
+class CustomerContext:
+    """Answers whether a sender belongs to a case's customer organisation."""
+
+    def same_customer(self, message: Message, triage: Triage, case: Case) -> bool:
+        if triage.customer and case.customer and triage.customer == case.customer:
+            return True
+        return bool(message.sender_domain and case.customer and message.sender_domain == case.customer)
+
+
+class Processor:
+    """Processes intake rows: the worker's and `triagebot ingest`'s one way of doing it."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], pipeline: Pipeline | None = None):
+        self.settings, self.sessions = settings, sessions
+        self.pipeline = pipeline or Pipeline.default(settings)
+        self.ctx = CustomerContext()
+
+    # -- hints -----------------------------------------------------------------------------------
+    def language_hint(self, s: Session, m: Message) -> str | None:
+        """The language of the thread this message replies to, else the language this sender used last."""
+        keys = [f"msgid:{i.strip().lower()}" for i in (*m.in_reply_to, *m.references) if i]
+        if m.source == "slack" and m.thread_ts and m.channel:
+            keys.append(f"slack:{m.channel}:{m.thread_ts}")
+        for k in keys:
+            tk = s.get(ThreadKey, k)
+            if tk is not None:
+                case = s.get(Case, tk.case_id)
+                if case is not None and case.language in ("en", "sv", "es"):
+                    return case.language
+        if m.sender:
+            lang = s.scalars(select(MessageRow.language).where(MessageRow.sender == m.sender,
+                                                               MessageRow.language.in_(("en", "sv", "es")))
+                             .order_by(MessageRow.id.desc()).limit(1)).first()
+            return lang
+        return None
+
+    # -- the work ----------------------------------------------------------------------------------
+    def process(self, item: queue.Claimed) -> Outcome:
+        """Process one claimed row. Content errors park it as failed at once; other errors propagate."""
+        try:
+            message = normalize(item.channel, item.raw)
+        except InputError as e:
+            with self.sessions() as s, s.begin():
+                row = s.get(Intake, item.id)
+                row.state, row.last_error, row.finished_at = queue.FAILED, f"input: {e}", utcnow()
+                row.flags = list(row.flags or []) + ["unreadable"]
+            log.info("intake %s unreadable: %s", item.id, e)
+            return Outcome("error", None, None, None, str(e))
+        for attempt in range(3):
+            try:
+                return self._store(item, message)
+            except IntegrityError:
+                # another worker stored the same thread key a moment ago: run again, it is now a duplicate/reply
+                log.info("intake %s raced on a thread key, retrying (%d)", item.id, attempt + 1)
+        return self._store(item, message)
+
+    def _store(self, item: queue.Claimed, message: Message) -> Outcome:
+        with self.sessions() as s, s.begin():
+            hint = self.language_hint(s, message)
+            if hint and not message.language_hint:
+                from dataclasses import replace
+                message = replace(message, language_hint=hint)
+            t = self.pipeline.run(message)
+            if t.disposition != "case":
+                self._message_row(s, item, message, t, None, "ignored", [])
+                queue.mark_done(s, item.id)
+                return Outcome("ignored", None, message, t)
+            decision, trail = thr.decide(s, message, t, self.ctx)
+            if decision.action == "duplicate":
+                case = s.get(Case, decision.case_id) if decision.case_id else None
+                queue.mark_done(s, item.id)
+                return Outcome("duplicate", case.reference if case else None, message, t)
+            if decision.action == "threaded":
+                case = s.get(Case, decision.case_id)
+                self._thread(s, case, message, t, decision)
+            else:
+                case = self._create(s, message, t, decision)
+            row = self._message_row(s, item, message, t, case.id, decision.action, trail)
+            for key in thr.thread_keys(message):
+                if s.get(ThreadKey, key) is None:
+                    s.add(ThreadKey(key=key, case_id=case.id))
+            s.flush()
+            queue.mark_done(s, item.id)
+            log.info("intake %s -> %s %s (message %s)", item.id, decision.action, case.reference, row.id)
+            return Outcome(decision.action, case.reference, message, t)
+
+    def _message_row(self, s: Session, item: queue.Claimed, m: Message, t: Triage, case_id: int | None,
+                     action: str, trail: list[str]) -> MessageRow:
+        row = MessageRow(
+            intake_id=item.id, case_id=case_id, source=m.source, message_id=m.message_id,
+            content_hash=thr.message_hash(m), sender=m.sender, sender_name=m.sender_name, subject=m.subject,
+            text=m.text, quoted=m.quoted, slack_channel=m.channel, slack_ts=m.ts, slack_thread_ts=m.thread_ts,
+            disposition=t.disposition, action=action, language=t.language, category=t.category,
+            service=t.service, severity=t.severity, blast_estimate=t.blast_radius.estimate,
+            blast_tier=t.blast_radius.tier, identifiers=t.blast_radius.identifiers.as_dict(),
+            confidence={k: float(v) for k, v in t.confidence.items()},
+            trail=[str(e) for e in t.trail] + trail, model_versions=dict(t.model_versions),
+            flags=list(m.flags), received_at=item.received_at)
+        s.add(row)
+        s.flush()
+        return row
+
+    def _create(self, s: Session, m: Message, t: Triage, d: thr.Decision) -> Case:
+        now = utcnow()
+        case = Case(customer=t.customer or m.sender_domain or m.sender, customer_tier=t.customer_tier,
+                    status="open", subject=thr.clean_subject(m.subject) or _first_line(m.text),
+                    language=t.language, category=t.category, service=t.service, severity=t.severity,
+                    blast_estimate=t.blast_radius.estimate, blast_tier=t.blast_radius.tier,
+                    identifiers=t.blast_radius.identifiers.as_dict(), sla_due=sla_due(t, now),
+                    slack_channel=m.channel, slack_thread_ts=m.thread_ts or m.ts, created_at=now, updated_at=now)
+        s.add(case)
+        s.flush()
+        case.reference = case_reference(case.id)
+        s.add(CaseEvent(case_id=case.id, actor="bot", kind="created",
+                        detail={"rule": d.rule, "why": d.detail, "triage": triage_record(m, t)}))
+        return case
+
+    def _thread(self, s: Session, case: Case, m: Message, t: Triage, d: thr.Decision) -> None:
+        changes = {}
+        if t.severity and SEVERITY_RANK.get(t.severity, -1) > SEVERITY_RANK.get(case.severity or "", -1):
+            changes["severity"] = (case.severity, t.severity)
+            case.severity = t.severity
+        if TIER_RANK.get(t.blast_radius.tier, 0) > TIER_RANK.get(case.blast_tier, 0) or (
+                (t.blast_radius.estimate or 0) > (case.blast_estimate or 0)):
+            changes["blast"] = ([case.blast_estimate, case.blast_tier],
+                                [t.blast_radius.estimate, t.blast_radius.tier])
+            case.blast_estimate = max(t.blast_radius.estimate or 0, case.blast_estimate or 0) or None
+            if TIER_RANK.get(t.blast_radius.tier, 0) > TIER_RANK.get(case.blast_tier, 0):
+                case.blast_tier = t.blast_radius.tier
+        if case.status in ("resolved", "closed"):
+            changes["status"] = (case.status, "open")
+            case.status = "open"
+        case.updated_at = utcnow()
+        s.add(CaseEvent(case_id=case.id, actor="bot", kind="threaded",
+                        detail={"rule": d.rule, "why": d.detail, "message_id": m.message_id,
+                                "changes": {k: list(v) for k, v in changes.items()}}))
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:120]
+    return ""
+
+
+def sla_due(t: Triage, start: datetime) -> datetime | None:
+    """The SLA due time for the case's category and severity, from the business calendar in rules/."""
+    if not t.category or not t.severity:
+        return None
+    try:
+        from triagebot.sla import due
+    except ImportError:  # pragma: no cover - the SLA module is part of the package
+        return None
+    return due(t.category, t.severity, start)
