@@ -1,6 +1,7 @@
 """Engines and sessions for SQLite and PostgreSQL, and bringing the schema up to date with Alembic."""
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,8 +47,16 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+_MIGRATE_LOCK = threading.Lock()  # Alembic's context is a module global: one migration per process at a time
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest migration (idempotent)."""
+    with _MIGRATE_LOCK:
+        _migrate(engine)
+
+
+def _migrate(engine: Engine) -> None:
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
