@@ -161,6 +161,12 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """Start the SMTP listener, the web process and a worker together."""
+    from triagebot.run import run
+    return run(settings, demo=args.demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triagebot", description=__doc__)
     p.add_argument("--config", help="a TOML settings file (default: TRIAGEBOT_CONFIG)")
@@ -189,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", type=int, default=1)
     s.add_argument("--until-empty", action="store_true", help="stop when the queue is empty")
     s.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("run", help="start SMTP listener, web process and worker with the configured settings")
+    s.add_argument("--demo", action="store_true", help="feed the bundled samples through it and show the cases")
+    s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("migrate", help="create or upgrade the database schema")
     s.set_defaults(func=cmd_migrate)

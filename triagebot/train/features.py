@@ -1,0 +1,192 @@
+"""Text features for the classifiers: spaCy tokens and lookup lemmas per language, identifiers and numbers
+folded into shape tokens, then word and character n-gram TF-IDF.
+
+The model input is the pair (language, text) where text is `model_text(subject, message.text)`: the same
+function builds it at training time and in the classify step, so the model never sees text shaped differently
+from what it meets at run time.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import unicodedata
+from typing import Iterable, Sequence
+
+import numpy as np
+import spacy
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.pipeline import FeatureUnion, Pipeline
+from spacy.language import Language
+
+# spaCy blank pipelines with a lookup lemmatizer (spacy-lookups-data); "other" gets the multi-language tokenizer.
+LEMMA_LANGUAGES = ("en", "sv", "es")
+LANGUAGE_TOKEN = "zzlang{}"
+
+# Long pastes (modem logs, CSV lists) add little beyond their start and would make one message cost many
+# times the typical one; the cut keeps classification time bounded.
+MAX_CHARS = 4000
+
+# Placeholders are plain lower-case words so the spaCy tokenizer keeps them whole.
+_PREPASS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # ICCID: 19-20 digits starting 89, written with spaces or dashes, maybe a trailing F (TAXONOMY.md)
+    (re.compile(r"(?<![\d+])89(?:[ \-]?\d){17,18}[fF]?(?!\d)"), " zziccid "),
+    # 15 digits in one piece: IMSI or IMEI; which one does not matter to the category
+    (re.compile(r"(?<![\d+])\d{15}(?!\d)"), " zzid15 "),
+    # ISO dates and dotted/slashed dates before the phone rule eats them
+    (re.compile(r"\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}[./]\d{1,2}[./]\d{2,4}\b"), " zzdate "),
+    # IPv4 addresses and subnets: static IPs and tunnels point at network_access
+    (re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?:/\d{1,2})?\b"), " zzip "),
+    # clock times and time ranges ("22:00-02:00")
+    (re.compile(r"\b\d{1,2}[:.]\d{2}(?::\d{2})?\b"), " zztime "),
+    # phone numbers and other long digit runs with separators (8+ digits): "+46 8 555 012 34", "073-551 20 09"
+    (re.compile(r"(?<![\w+])\+?\(?\d(?:[ \-()]{0,2}\d){7,}"), " zzphone "),
+    # versions: "4.2.1", "v2.3"
+    (re.compile(r"\bv?\d+(?:\.\d+){2,}\b|\bv\d+(?:\.\d+)+\b", re.IGNORECASE), " zzver "),
+)
+# a count written with thousands separators: "3,200", "1 400" (sv), "3.200" (es) -> plain digits
+_THOUSANDS = re.compile(r"(?<![\d.,])(\d{1,3})((?:[ \u00a0\u202f.,]\d{3})+)(?![\d]|[.,]\d)")
+_SEPARATORS = re.compile(r"[ \u00a0\u202f.,]")
+_DIGITS = re.compile(r"^\d+$")
+_DECIMAL = re.compile(r"^\d+[.,]\d+$")
+# letters and digits mixed ("k8s", "4g", "lte-m", "ab12cd"): keep the shape, not the value, when long
+_MIXED = re.compile(r"^(?=.*\d)(?=.*[a-z])[a-z0-9\-_/]{6,}$")
+_KEEP_PUNCT = {"?": "zzq", "!": "zzexcl", "¿": "zzq", "¡": "zzexcl"}
+
+_nlp_cache: dict[str, Language] = {}
+_nlp_lock = threading.Lock()
+
+
+def model_text(subject: str | None, text: str) -> str:
+    """The text a classifier sees: subject, a newline, and the new text of the message."""
+    return f"{subject or ''}\n{text or ''}"
+
+
+def get_nlp(language: str) -> Language:
+    """The cached spaCy blank pipeline for a language, with the lookup lemmatizer for en/sv/es."""
+    lang = language if language in LEMMA_LANGUAGES else "xx"
+    nlp = _nlp_cache.get(lang)
+    if nlp is not None:
+        return nlp
+    with _nlp_lock:
+        nlp = _nlp_cache.get(lang)
+        if nlp is None:
+            nlp = spacy.blank(lang)
+            if lang != "xx":
+                # lookup mode needs only spacy-lookups-data tables; no trained pipeline is downloaded
+                nlp.add_pipe("lemmatizer", config={"mode": "lookup"})
+                nlp.initialize()
+            _nlp_cache[lang] = nlp
+    return nlp
+
+
+def strip_accents(s: str) -> str:
+    """The string without combining accents ("módem" -> "modem"), since writers often leave them out."""
+    if s.isascii():
+        return s
+    decomposed = unicodedata.normalize("NFD", s)
+    # keep å/ä/ö distinct from a/o: in Swedish they are different letters, not accented ones
+    out = []
+    for ch in decomposed:
+        if unicodedata.combining(ch) and out and out[-1] in "aoAO" and ch in "\u030a\u0308":
+            out[-1] = unicodedata.normalize("NFC", out[-1] + ch)
+        elif not unicodedata.combining(ch):
+            out.append(ch)
+    return "".join(out)
+
+
+def _count_token(value: int) -> str:
+    # buckets follow the blast-radius tiers of TAXONOMY.md: 1, 2-10, 11-999, 1000+
+    if value <= 1:
+        return "zznum1"
+    if value <= 10:
+        return "zznumfew"
+    if value <= 999:
+        return "zznummany"
+    return "zznummass"
+
+
+def prepass(text: str) -> str:
+    """Lower-case text with identifiers, dates, IPs, phone numbers and grouped counts folded to tokens."""
+    s = text[:MAX_CHARS].lower()
+    for pattern, repl in _PREPASS:
+        s = pattern.sub(repl, s)
+    return _THOUSANDS.sub(lambda m: m.group(1) + _SEPARATORS.sub("", m.group(2)), s)
+
+
+def analyse(language: str, text: str) -> list[str]:
+    """The tokens the vectorizers see for one message: lemmas, shape tokens and the language token."""
+    nlp = get_nlp(language)
+    doc = nlp(prepass(text))
+    out = [LANGUAGE_TOKEN.format(language if language in LEMMA_LANGUAGES else "other")]
+    for tok in doc:
+        if tok.is_space:
+            continue
+        t = tok.text
+        if t in _KEEP_PUNCT:
+            out.append(_KEEP_PUNCT[t])
+        elif tok.is_punct:
+            continue
+        elif t.startswith("zz"):
+            out.append(t)
+        elif _DIGITS.match(t):
+            out.append(_count_token(int(t)) if len(t) <= 7 else "zzlongnum")
+        elif _DECIMAL.match(t):
+            out.append("zzdecimal")
+        elif tok.like_email:
+            out.append("zzemail")
+        elif tok.like_url:
+            out.append("zzurl")
+        elif _MIXED.match(t):
+            out.append("zzcode")
+        else:
+            lemma = tok.lemma_ or t
+            out.append(strip_accents(lemma))
+    return out
+
+
+def make_inputs(languages: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+    """The model input: an (n, 2) object array of (language, text) rows."""
+    if len(languages) != len(texts):
+        raise ValueError("languages and texts differ in length")
+    arr = np.empty((len(texts), 2), dtype=object)
+    arr[:, 0] = list(languages)
+    arr[:, 1] = list(texts)
+    return arr
+
+
+class SpacyAnalyzer(TransformerMixin, BaseEstimator):
+    """Turns (language, text) rows into space-joined lemma/shape token strings; stateless."""
+
+    def __init__(self, max_chars: int = MAX_CHARS) -> None:
+        self.max_chars = max_chars
+
+    def fit(self, X: Iterable, y: object = None) -> "SpacyAnalyzer":
+        """Nothing to learn; present for the Pipeline."""
+        return self
+
+    def transform(self, X: Iterable) -> np.ndarray:
+        """One token string per row."""
+        rows = np.asarray(X, dtype=object)
+        if rows.ndim != 2 or rows.shape[1] != 2:
+            raise ValueError("expected rows of (language, text); build them with make_inputs()")
+        return np.array([" ".join(analyse(str(lang), str(text)[: self.max_chars])) for lang, text in rows],
+                        dtype=object)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return True
+
+
+def build_features(word_ngrams: tuple[int, int] = (1, 2), char_ngrams: tuple[int, int] | None = (2, 5),
+                   min_df: int = 2, max_features: int | None = 40000) -> Pipeline:
+    """The feature pipeline: spaCy analysis, then word (+ char) n-gram TF-IDF side by side."""
+    parts: list[tuple[str, TfidfVectorizer]] = [
+        ("word", TfidfVectorizer(token_pattern=r"\S+", lowercase=False, ngram_range=word_ngrams,
+                                 sublinear_tf=True, min_df=min_df, max_features=max_features,
+                                 dtype=np.float32)),
+    ]
+    if char_ngrams is not None:
+        parts.append(("char", TfidfVectorizer(analyzer="char_wb", lowercase=False, ngram_range=char_ngrams,
+                                              sublinear_tf=True, min_df=min_df, max_features=max_features,
+                                              dtype=np.float32)))
+    return Pipeline([("analyse", SpacyAnalyzer()), ("tfidf", FeatureUnion(parts))])
