@@ -167,6 +167,15 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return run(settings, demo=args.demo)
 
 
+def cmd_smtp(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the SMTP listener."""
+    from dataclasses import replace
+    from triagebot.intake.smtp import serve
+    settings = replace(settings, smtp_host=args.host or settings.smtp_host, smtp_port=args.port or settings.smtp_port)
+    serve(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triagebot", description=__doc__)
     p.add_argument("--config", help="a TOML settings file (default: TRIAGEBOT_CONFIG)")
@@ -199,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="start SMTP listener, web process and worker with the configured settings")
     s.add_argument("--demo", action="store_true", help="feed the bundled samples through it and show the cases")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("smtp", help="run the SMTP listener")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_smtp)
 
     s = sub.add_parser("migrate", help="create or upgrade the database schema")
     s.set_defaults(func=cmd_migrate)
