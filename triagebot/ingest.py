@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from triagebot import outage
 from triagebot import threading as thr
 from triagebot.db import queue
 from triagebot.db.tables import Case, CaseEvent, Intake, MessageRow, ThreadKey, utcnow
@@ -162,6 +163,9 @@ class Processor:
         case.reference = case_reference(case.id)
         s.add(CaseEvent(case_id=case.id, actor="bot", kind="created",
                         detail={"rule": d.rule, "why": d.detail, "triage": triage_record(m, t)}))
+        sig = outage.signature(m.subject, m.text, t.service, self.settings.rules_dir)
+        case.features = sig.as_json()
+        outage.link(s, case, sig, self.settings)
         return case
 
     def _thread(self, s: Session, case: Case, m: Message, t: Triage, d: thr.Decision) -> None:

@@ -65,6 +65,7 @@ class Case(Base):
     slack_channel: Mapped[str | None] = mapped_column(String(64))
     slack_thread_ts: Mapped[str | None] = mapped_column(String(32))
     agent_post_ts: Mapped[str | None] = mapped_column(String(32))
+    features: Mapped[dict] = mapped_column(JSON, default=dict)       # outage-clustering signature
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

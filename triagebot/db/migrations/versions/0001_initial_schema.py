@@ -36,6 +36,7 @@ def upgrade() -> None:
     sa.Column('slack_channel', sa.String(length=64), nullable=True),
     sa.Column('slack_thread_ts', sa.String(length=32), nullable=True),
     sa.Column('agent_post_ts', sa.String(length=32), nullable=True),
+    sa.Column('features', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['parent_id'], ['cases.id'], ),
