@@ -176,6 +176,14 @@ def cmd_smtp(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the web process (/healthz, /metrics, Slack events and interactivity)."""
+    from dataclasses import replace
+    from triagebot.web import serve
+    serve(replace(settings, web_host=args.host or settings.web_host, web_port=args.port or settings.web_port))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triagebot", description=__doc__)
     p.add_argument("--config", help="a TOML settings file (default: TRIAGEBOT_CONFIG)")
@@ -213,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_smtp)
+
+    s = sub.add_parser("web", help="run the web process")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_web)
 
     s = sub.add_parser("migrate", help="create or upgrade the database schema")
     s.set_defaults(func=cmd_migrate)
