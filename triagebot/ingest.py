@@ -5,6 +5,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Callable
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -33,6 +34,12 @@ class Outcome:
     message: Message | None
     triage: Triage | None
     error: str | None = None
+    case_id: int | None = None
+    message_row_id: int | None = None
+
+
+# Called after a message's transaction has committed (Slack suggestions, acknowledgements): (settings, sessions, outcome).
+AfterCommit = Callable[[Settings, "sessionmaker[Session]", Outcome], None]
 
 
 def normalize(channel: str, raw: bytes) -> Message:
@@ -60,10 +67,12 @@ class CustomerContext:
 class Processor:
     """Processes intake rows: the worker's and `triagebot ingest`'s one way of doing it."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], pipeline: Pipeline | None = None):
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], pipeline: Pipeline | None = None,
+                 after_commit: tuple[AfterCommit, ...] | None = None):
         self.settings, self.sessions = settings, sessions
         self.pipeline = pipeline or Pipeline.default(settings)
         self.ctx = CustomerContext()
+        self.after_commit = default_after_commit(settings) if after_commit is None else after_commit
 
     # -- hints -----------------------------------------------------------------------------------
     def language_hint(self, s: Session, m: Message) -> str | None:
@@ -98,11 +107,20 @@ class Processor:
             return Outcome("error", None, None, None, str(e))
         for attempt in range(3):
             try:
-                return self._store(item, message)
+                outcome = self._store(item, message)
+                break
             except IntegrityError:
                 # another worker stored the same thread key a moment ago: run again, it is now a duplicate/reply
                 log.info("intake %s raced on a thread key, retrying (%d)", item.id, attempt + 1)
-        return self._store(item, message)
+        else:
+            outcome = self._store(item, message)
+        for hook in self.after_commit:
+            try:
+                hook(self.settings, self.sessions, outcome)
+            except Exception:  # a notification failing must not undo or repeat the stored work
+                log.error("after-commit hook %s failed for intake %s", getattr(hook, "__name__", hook), item.id,
+                          exc_info=True)
+        return outcome
 
     def _store(self, item: queue.Claimed, message: Message) -> Outcome:
         with self.sessions() as s, s.begin():
@@ -112,14 +130,15 @@ class Processor:
                 message = replace(message, language_hint=hint)
             t = self.pipeline.run(message)
             if t.disposition != "case":
-                self._message_row(s, item, message, t, None, "ignored", [])
+                row = self._message_row(s, item, message, t, None, "ignored", [])
                 queue.mark_done(s, item.id)
-                return Outcome("ignored", None, message, t)
+                return Outcome("ignored", None, message, t, message_row_id=row.id)
             decision, trail = thr.decide(s, message, t, self.ctx)
             if decision.action == "duplicate":
                 case = s.get(Case, decision.case_id) if decision.case_id else None
                 queue.mark_done(s, item.id)
-                return Outcome("duplicate", case.reference if case else None, message, t)
+                return Outcome("duplicate", case.reference if case else None, message, t,
+                               case_id=case.id if case else None)
             if decision.action == "threaded":
                 case = s.get(Case, decision.case_id)
                 self._thread(s, case, message, t, decision)
@@ -132,7 +151,7 @@ class Processor:
             s.flush()
             queue.mark_done(s, item.id)
             log.info("intake %s -> %s %s (message %s)", item.id, decision.action, case.reference, row.id)
-            return Outcome(decision.action, case.reference, message, t)
+            return Outcome(decision.action, case.reference, message, t, case_id=case.id, message_row_id=row.id)
 
     def _message_row(self, s: Session, item: queue.Claimed, m: Message, t: Triage, case_id: int | None,
                      action: str, trail: list[str]) -> MessageRow:
@@ -187,6 +206,24 @@ class Processor:
         s.add(CaseEvent(case_id=case.id, actor="bot", kind="threaded",
                         detail={"rule": d.rule, "why": d.detail, "message_id": m.message_id,
                                 "changes": {k: list(v) for k, v in changes.items()}}))
+
+
+def default_after_commit(settings: Settings) -> tuple[AfterCommit, ...]:
+    """The hooks the configured deployment wants: Slack suggestions, mail acknowledgements."""
+    hooks: list[AfterCommit] = []
+    if settings.slack_bot_token and settings.agent_channel:
+        try:
+            from triagebot.agents.suggest import post_suggestion
+            hooks.append(post_suggestion)
+        except ImportError:  # pragma: no cover
+            log.warning("Slack is configured but triagebot.agents.suggest is missing")
+    if settings.relay_host:
+        try:
+            from triagebot.outbound.ack import queue_acknowledgement
+            hooks.append(queue_acknowledgement)
+        except ImportError:  # pragma: no cover
+            log.warning("a relay is configured but triagebot.outbound.ack is missing")
+    return tuple(hooks)
 
 
 def _first_line(text: str) -> str:

@@ -31,9 +31,8 @@ def _calibrated(estimator: BaseEstimator, method: str) -> CalibratedClassifierCV
 
 # name -> factory of an unfitted head; every head gives calibrated predict_proba
 CANDIDATES: dict[str, Callable[[], BaseEstimator]] = {
-    "logreg": lambda: _calibrated(LogisticRegression(C=10.0, class_weight="balanced", max_iter=3000), "temperature"),
+    "logreg": lambda: _calibrated(LogisticRegression(C=10.0, class_weight="balanced", max_iter=3000), "sigmoid"),
     "svm_sigmoid": lambda: _calibrated(LinearSVC(C=0.5, class_weight="balanced"), "sigmoid"),
-    "svm_temperature": lambda: _calibrated(LinearSVC(C=0.5, class_weight="balanced"), "temperature"),
     "cnb": lambda: _calibrated(ComplementNB(alpha=0.3), "sigmoid"),
 }
 DEFAULT_HEAD = "svm_sigmoid"
