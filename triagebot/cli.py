@@ -184,6 +184,13 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_slack(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the Slack app over Socket Mode (no public URL; needs SLACK_APP_TOKEN and SLACK_BOT_TOKEN)."""
+    from triagebot.agents.slack_app import socket_mode
+    socket_mode(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triagebot", description=__doc__)
     p.add_argument("--config", help="a TOML settings file (default: TRIAGEBOT_CONFIG)")
@@ -226,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_web)
+
+    s = sub.add_parser("slack", help="run the Slack app over Socket Mode (instead of HTTP on the web process)")
+    s.set_defaults(func=cmd_slack)
 
     s = sub.add_parser("migrate", help="create or upgrade the database schema")
     s.set_defaults(func=cmd_migrate)

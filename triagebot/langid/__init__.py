@@ -4,13 +4,16 @@
 
 The model (built by `python -m triagebot.langid.build`, stored in models/langid/langid.npz) is a
 naive Bayes over words. A word's log-probability under each language mixes its frequency in that
-language with a character 5-gram model, so a known word ("funkar") is strong evidence and an
-unknown one ("lokalförsörjningsnämndens", "pequeos") is still judged by its spelling. Norwegian,
-Danish, German and other languages are modelled too, so they are rejected as `other` instead of
-being pushed into the nearest of en/sv/es; they start with a lower prior so a short, ambiguous
-text stays in scope. The sender's earlier language (`hint`) and the Slack locale add to the prior;
-they never override clear evidence. Technical words shared by all languages (APN, roaming,
-firmware, ...) and short all-capital acronyms are ignored when the text has other words.
+language with a character 5-gram model (word boundaries, Witten-Bell back-off), so a known word
+("funkar") is strong evidence and an unknown one ("lokalförsörjningsnämndens", "pequeos") is still
+judged by its spelling. Norwegian, Danish, German and other languages are modelled too, so they
+are rejected as `other` instead of being pushed into the nearest of en/sv/es; they start with a
+lower prior, so a short, ambiguous text stays in scope and only clear evidence makes it `other`.
+The sender's earlier language (`hint`) and the Slack locale add to the prior; they never override
+clear evidence. Technical words shared by all languages (APN, roaming, firmware, ...) and short
+all-capital acronyms are ignored when the text has other words.
+
+All lookups are sorted-array searches over whole texts (numpy), so loading is just reading arrays.
 """
 from __future__ import annotations
 
@@ -19,18 +22,22 @@ import math
 import re
 import threading
 import unicodedata
+import zlib
 from pathlib import Path
+
 import numpy as np
 
-__all__ = ["detect", "scores", "tokenize", "Model", "MODEL_PATH", "LANGUAGES"]
+__all__ = ["detect", "scores", "tokenize", "word_hash", "Model", "get_model", "MODEL_PATH", "LANGUAGES"]
 
 MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "langid" / "langid.npz"
 LANGUAGES = ("en", "sv", "es", "other")
 
-BOS, EOS = "^", "$"          # word boundaries in n-gram keys (never letters, so never in a word)
-NGRAM_STEP = 0.1             # quantization step (nats) of the n-gram log-probabilities
-WORD_STEP = 0.05             # quantization step of the word Zipf frequencies
+BOS, EOS = 1, 2              # codes of the word-boundary symbols; letters are 3..126
+UNKNOWN = 127                # code of a character no modelled language uses
+NGRAM_STEP = 0.1             # quantization step (nats) of n-gram log-probabilities and back-off weights
+WORD_STEP = 0.05             # quantization step of word Zipf frequencies
 MAX_WORDS = 200              # longer texts are judged on their first 200 words
+MAX_WORD_LEN = 30
 ACRONYM_MAX = 5              # "APN", "SIM", "NOC": all-capital words up to this length are neutral
 
 _CHUNK = re.compile(r"[\w'’]+")
@@ -44,7 +51,7 @@ def _words(text: str) -> list[tuple[str, bool]]:
         chunk = m.group().replace("’", "'").strip("'")
         if not chunk or not chunk.replace("'", "").isalpha():
             continue  # identifiers, versions, snake_case: not language
-        acronym = chunk.isupper() and len(chunk) <= ACRONYM_MAX and len(chunk) > 1
+        acronym = 1 < len(chunk) <= ACRONYM_MAX and chunk.isupper()
         out.append((chunk.lower(), acronym))
     return out
 
@@ -52,6 +59,11 @@ def _words(text: str) -> list[tuple[str, bool]]:
 def tokenize(text: str) -> list[str]:
     """Lower-cased words of a text as the model sees them."""
     return [w for w, _ in _words(text)]
+
+
+def word_hash(word: str) -> int:
+    """Stable 32-bit key of a word in the word table."""
+    return zlib.crc32(word.encode("utf-8"))
 
 
 def _lang_code(value: str | None) -> str | None:
@@ -70,26 +82,28 @@ class Model:
         self.langs: tuple[str, ...] = tuple(self.meta["langs"])
         self.in_scope = np.array([lang in LANGUAGES for lang in self.langs])
         self.order = int(self.meta["order"])
-        self.ngrams = {k: i for i, k in enumerate(_unblob(arrays["ngram_keys"]))}
-        self.ngram_lp = -arrays["ngram_q"].astype(np.float32) * np.float32(NGRAM_STEP)
-        self.ctxs = {k: i for i, k in enumerate(_unblob(arrays["ctx_keys"]))}
+        self.alphabet: str = self.meta["alphabet"]
+        self._code = {c: i + 3 for i, c in enumerate(self.alphabet)}
+        # n-gram keys: 7-bit codes packed oldest-first; keeping the low n groups gives the n-gram
+        self._mask_of = [(1 << (7 * n)) - 1 for n in range(self.order + 1)]
+        self._rows = dict(zip(arrays["ngram_keys"].tolist(), range(len(arrays["ngram_keys"]))))
+        self._ctxs = dict(zip(arrays["ctx_keys"].tolist(), range(len(arrays["ctx_keys"]))))
+        # one extra all-zero row for letters no language uses
+        self._none_row = len(arrays["ngram_keys"])
+        self.ngram_lp = np.vstack([-arrays["ngram_q"].astype(np.float32) * np.float32(NGRAM_STEP),
+                                   np.zeros((1, len(self.langs)), dtype=np.float32)])
         self.ctx_lp = -arrays["ctx_q"].astype(np.float32) * np.float32(NGRAM_STEP)
-        self.words = {k: i for i, k in enumerate(_unblob(arrays["word_keys"]))}
+        self.word_keys = arrays["word_keys"].astype(np.uint32)
         lam = float(self.meta["word_lambda"])
-        zipf = arrays["word_q"].astype(np.float32) * np.float32(WORD_STEP)
+        q = arrays["word_q"]
         with np.errstate(divide="ignore"):
-            # log(lambda * freq); -inf where the word is not listed for a language
-            self.word_lp = np.where(arrays["word_q"] > 0, (zipf - 9.0) * _LN10 + math.log(lam), -np.inf).astype(np.float32)
+            # log(lambda * frequency); -inf where the word is not listed for a language
+            self.listed_lp = np.where(q > 0, (q.astype(np.float32) * WORD_STEP - 9.0) * _LN10 + math.log(lam),
+                                      -np.inf).astype(np.float32)
         self.char_weight = np.float32(math.log(1.0 - lam))
-        self.alphabet = frozenset(k for k in self.ngrams if len(k) == 1)
         self.neutral = frozenset(self.meta["neutral_words"])
-        self.base_prior = np.where(self.in_scope, 0.0, float(self.meta["prior_other"])).astype(np.float64)
+        self.base_prior = np.where(self.in_scope, 0.0, float(self.meta["prior_other"]))
         self._cache: dict[str, np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Model":
-        return cls(arrays)
 
     @classmethod
     def load(cls, path: Path = MODEL_PATH) -> "Model":
@@ -102,37 +116,65 @@ class Model:
         return str(self.meta.get("version", "unknown"))
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _char_lp(self, word: str) -> np.ndarray:
-        """log P(word | language) under each language's character model."""
-        s = BOS + word + EOS
-        rows, ctx = [], []
-        ngrams, ctxs, order = self.ngrams, self.ctxs, self.order
-        for i in range(1, len(s)):
-            for n in range(min(order, i + 1), 0, -1):
-                g = s[i - n + 1:i + 1]
-                r = ngrams.get(g)
-                if r is not None:
-                    rows.append(r)
-                    break
-                if n > 1:
-                    c = ctxs.get(g[:-1])
-                    if c is not None:
-                        ctx.append(c)  # context known, letter never followed it: back-off penalty
-        lp = self.ngram_lp[rows].sum(axis=0)
+    def char_lp(self, words: list[str]) -> np.ndarray:
+        """log P(word | language) under each language's character model, shape (words, langs)."""
+        if not words:
+            return np.zeros((0, len(self.langs)), dtype=np.float32)
+        code, full, masks = self._code, self._mask_of[self.order], self._mask_of
+        get_row, get_ctx, none_row = self._rows.get, self._ctxs.get, self._none_row
+        rows: list[int] = []
+        starts: list[int] = []
+        ctx: list[int] = []
+        ctx_word: list[int] = []
+        for wi, w in enumerate(words):
+            starts.append(len(rows))
+            # key of the longest window ending at each letter: 7-bit codes packed oldest-first,
+            # starting from the word-start symbol, so early windows are simply shorter
+            keys = []
+            k = BOS
+            for c in [code.get(ch, UNKNOWN) for ch in w]:
+                k = ((k << 7) | c) & full
+                keys.append(k)
+            keys.append(((k << 7) | EOS) & full)
+            found = list(map(get_row, keys))     # the common case: the longest n-gram is known
+            if None in found:
+                for i, r in enumerate(found):
+                    if r is not None:
+                        continue
+                    key = keys[i]
+                    n = (key.bit_length() + 6) // 7
+                    while r is None and n > 1:
+                        c_idx = get_ctx(key >> 7)
+                        if c_idx is not None:  # context known, letter never followed it: back-off weight
+                            ctx.append(c_idx)
+                            ctx_word.append(wi)
+                        n -= 1
+                        key &= masks[n]
+                        r = get_row(key)
+                    found[i] = none_row if r is None else r  # a letter no language uses: no evidence
+            rows.extend(found)
+        out = np.add.reduceat(self.ngram_lp[rows], starts, axis=0)
         if ctx:
-            lp = lp + self.ctx_lp[ctx].sum(axis=0)
-        return lp
+            np.add.at(out, ctx_word, self.ctx_lp[ctx])
+        return out
 
-    def _word_lp(self, word: str) -> np.ndarray:
-        """log P(word | language): frequency-list mixture with the character model (cached)."""
-        v = self._cache.get(word)
-        if v is None:
-            char = self._char_lp(word) + self.char_weight
-            r = self.words.get(word)
-            v = char if r is None else np.logaddexp(self.word_lp[r], char)
-            if len(self._cache) < 200_000:
-                self._cache[word] = v
-        return v
+    def word_lp(self, words: list[str]) -> np.ndarray:
+        """log P(word | language): frequency-list mixture with the character model, (words, langs)."""
+        cache = self._cache
+        new = [w for w in dict.fromkeys(words) if w not in cache]
+        if new:
+            lp = self.char_lp(new) + self.char_weight
+            if len(self.word_keys):
+                h = np.fromiter((word_hash(w) for w in new), dtype=np.uint32, count=len(new))
+                pos = np.minimum(np.searchsorted(self.word_keys, h), len(self.word_keys) - 1)
+                hit = self.word_keys[pos] == h
+                if hit.any():
+                    lp[hit] = np.logaddexp(self.listed_lp[pos[hit]], lp[hit])
+            if len(cache) > 100_000:
+                cache.clear()  # bounded memory; common words come back at once
+            for w, v in zip(new, lp):
+                cache[w] = v
+        return np.array([cache[w] for w in words])
 
     def prior(self, hint: str | None = None, locale: str | None = None) -> np.ndarray:
         """Log-prior per language: rejected languages start lower; hint and locale add to it."""
@@ -144,21 +186,23 @@ class Model:
             p[self.langs.index(h)] += self.meta["hint_boost"]
         loc = _lang_code(locale)
         if loc in self.langs:
-            boost = self.meta["locale_boost_en"] if loc == "en" else self.meta["locale_boost"]
-            p[self.langs.index(loc)] += boost
+            p[self.langs.index(loc)] += self.meta["locale_boost_en" if loc == "en" else "locale_boost"]
         return p
 
-    def log_scores(self, text: str, hint: str | None = None, locale: str | None = None) -> tuple[np.ndarray, int]:
-        """Unnormalized log-posterior per model language, and the number of words used."""
+    def _evidence(self, text: str) -> list[str]:
         words = _words(text)
         keep = [w for w, acro in words if not acro and w not in self.neutral]
         if not keep:  # nothing but technical words: judge those rather than nothing
             keep = [w for w, _ in words]
-        keep = [w for w in keep if len(w) <= 30][:MAX_WORDS]
+        return [w for w in keep if len(w) <= MAX_WORD_LEN][:MAX_WORDS]
+
+    def log_scores(self, text: str, hint: str | None = None, locale: str | None = None) -> tuple[np.ndarray, int]:
+        """Unnormalized log-posterior per model language, and the number of words used."""
+        words = self._evidence(text)
         total = self.prior(hint, locale)
-        if keep:
-            total = total + np.sum([self._word_lp(w) for w in keep], axis=0, dtype=np.float64)
-        return total, len(keep)
+        if words:
+            total = total + self.word_lp(words).sum(axis=0, dtype=np.float64)
+        return total, len(words)
 
     def posteriors(self, text: str, hint: str | None = None, locale: str | None = None) -> dict[str, float]:
         """Posterior probability of each model language (sums to 1)."""
@@ -170,34 +214,22 @@ class Model:
     def detect(self, text: str, hint: str | None = None, locale: str | None = None) -> tuple[str, float]:
         """(en|sv|es|other, confidence in [0, 1]) for a text."""
         lp, n = self.log_scores(text, hint, locale)
-        if n == 0 or self._mostly_foreign_script(text):
-            if n and self._mostly_foreign_script(text):
-                return "other", 0.9
-            # no letters at all: fall back to the thread's / user's language if we know one
-            best = int(np.argmax(lp))
-            if (hint or locale) and self.langs[best] in LANGUAGES:
-                p = np.exp(lp - lp.max())
-                return self.langs[best], round(float(p[best] / p.sum()), 3)
-            return "other", 0.0
+        if n and self._mostly_foreign_script(text):
+            return "other", 0.9
         p = np.exp(lp - lp.max())
         p /= p.sum()
         best = int(np.argmax(lp))
-        label = self.langs[best]
+        if n == 0 and not (hint or locale):
+            return "other", 0.0  # no letters and nothing known about the sender
         if not self.in_scope[best]:
             return "other", round(float(p[~self.in_scope].sum()), 3)
-        return label, round(float(p[best]), 3)
+        return self.langs[best], round(float(p[best]), 3)
 
     def _mostly_foreign_script(self, text: str) -> bool:
         """True when most letters are outside the alphabets of all modelled languages."""
         letters = [c for c in text.lower() if c.isalpha()]
-        if not letters:
-            return False
-        foreign = sum(c not in self.alphabet for c in letters)
+        foreign = sum(1 for c in letters if c not in self._code)
         return foreign * 2 > len(letters)
-
-
-def _unblob(blob: np.ndarray) -> list[str]:
-    return bytes(blob).decode("utf-8").split("\n") if len(blob) else []
 
 
 _model: Model | None = None

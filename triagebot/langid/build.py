@@ -33,11 +33,14 @@ import numpy as np
 from triagebot.langid import (
     BOS,
     EOS,
+    MAX_WORD_LEN,
     MODEL_PATH,
     NGRAM_STEP,
+    UNKNOWN,
     WORD_STEP,
     Model,
     tokenize,
+    word_hash,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,9 +54,14 @@ IN_SCOPE = ("en", "sv", "es")
 WORDFREQ_CODE = {"no": "nb"}  # wordfreq's Norwegian list is Bokmål (with some Nynorsk in it)
 
 ORDER = 5               # character n-gram order (4 characters of context)
+PURITY = 0.2           # a word trains a language's spelling model only if its frequency there is
+                        # at least this share of its highest frequency in any language
 CHAR_BETA = 0.3         # char-LM training weight of a word = (freq / min freq) ** beta
 MIN_COUNT = 2.0         # prune n-grams seen less than this (weighted) in every language
 MIN_CTX_COUNT = 2.0     # keep backoff weights of contexts seen at least this often somewhere
+THETA_NGRAM = 1e-6      # keep an n-gram only if (share of letters) x (log-ratio to back-off) is this big
+THETA_CTX = 0.1         # keep a context's back-off weight only if it is at least this far from 0
+WORD_MARGIN = 3.0       # list a word unless the spelling model alone labels it right by this margin
 UNIGRAM_FLOOR = 1e-4    # share of the unigram model spread evenly over the joint alphabet
 WORD_LAMBDA = 0.5       # weight of the word-frequency part of the word mixture
 MIN_ZIPF_SCOPE = 1.0    # keep en/sv/es words down to this Zipf frequency (1 per 100 million words)
@@ -61,7 +69,6 @@ MIN_ZIPF_OTHER = 2.0    # keep words of the rejected languages down to this Zipf
 STRIP_SHARE = 0.15      # frequency given to the accent-stripped form of a word (all languages)
 ES_DELETE_SHARE = 0.3   # frequency given to the accent-deleted form of a Spanish word
 OWN_TEXT_SHARE = 0.03   # share of the word distribution given to our own support text
-MAX_WORD_LEN = 30
 
 # log-prior added to each language before the decision; rejected languages start lower, so
 # a short, ambiguous text stays in en/sv/es and only clear evidence makes it `other`.
@@ -284,9 +291,9 @@ def cut_quoted(body: str) -> str:
     return body
 
 
-def _holdout(word: str, lang: str, share: int) -> bool:
-    """Deterministic held-out split for the development check."""
-    h = hashlib.blake2b(f"{lang}:{word}".encode(), digest_size=4).digest()
+def _holdout(word: str, share: int) -> bool:
+    """Deterministic held-out split for the development check (a word is out in every language)."""
+    h = hashlib.blake2b(word.encode(), digest_size=4).digest()
     return int.from_bytes(h, "little") % 100 < share
 
 
@@ -327,7 +334,7 @@ def word_distribution(lang: str, holdout: int = 0) -> dict[str, float]:
     min_zipf = MIN_ZIPF_SCOPE if lang in IN_SCOPE else MIN_ZIPF_OTHER
     base = wordfreq_words(lang, min_zipf)
     if holdout:
-        base = {w: f for w, f in base.items() if not _holdout(w, lang, holdout)}
+        base = {w: f for w, f in base.items() if not _holdout(w, holdout)}
     dist: Counter[str] = Counter()
     for w, f in base.items():
         dist[w] += f
@@ -353,20 +360,13 @@ def word_distribution(lang: str, holdout: int = 0) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------
 class Alphabet:
-    """Characters <-> small integer codes (0 padding, 1 BOS, 2 EOS, 3.. letters)."""
+    """Letters <-> codes 3..126 (0 padding, 1 and 2 the word boundaries), as the runtime uses them."""
 
     def __init__(self, chars: Iterable[str]) -> None:
-        self.chars = [BOS, EOS] + sorted(set(chars))
-        self.code = {c: i + 1 for i, c in enumerate(self.chars)}
-        if len(self.chars) >= 127:
-            raise ValueError(f"alphabet too large for 7-bit codes: {len(self.chars)}")
-
-    def decode(self, key: int) -> str:
-        out = []
-        while key:
-            out.append(self.chars[(key & 127) - 1])
-            key >>= 7
-        return "".join(reversed(out))
+        self.letters = "".join(sorted(set(chars)))
+        if len(self.letters) > UNKNOWN - 3:
+            raise ValueError(f"alphabet too large for 7-bit codes: {len(self.letters)} letters")
+        self.code = {c: i + 3 for i, c in enumerate(self.letters)}
 
 
 def language_alphabet(dist: dict[str, float], share: float = 2e-5) -> set[str]:
@@ -380,13 +380,13 @@ def language_alphabet(dist: dict[str, float], share: float = 2e-5) -> set[str]:
 
 
 def count_ngrams(words: list[str], weights: np.ndarray, alpha: Alphabet) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted counts of all 1..ORDER-grams (target char with up to ORDER-1 chars of history)."""
+    """Weighted counts of all 1..ORDER-grams (a letter with up to ORDER-1 letters of history)."""
     width = MAX_WORD_LEN + 2
     codes = np.zeros((len(words), width), dtype=np.int64)
     for i, w in enumerate(words):
-        codes[i, 0] = 1
+        codes[i, 0] = BOS
         codes[i, 1:len(w) + 1] = [alpha.code[c] for c in w]
-        codes[i, len(w) + 1] = 2
+        codes[i, len(w) + 1] = EOS
     keys_all, cnt_all = [], []
     for n in range(1, ORDER + 1):
         for t in range(1, width):
@@ -401,10 +401,8 @@ def count_ngrams(words: list[str], weights: np.ndarray, alpha: Alphabet) -> tupl
                 key = (key << 7) | codes[valid, j]
             keys_all.append(key)
             cnt_all.append(weights[valid])
-    keys = np.concatenate(keys_all)
-    cnts = np.concatenate(cnt_all)
-    uniq, inv = np.unique(keys, return_inverse=True)
-    return uniq, np.bincount(inv, weights=cnts)
+    uniq, inv = np.unique(np.concatenate(keys_all), return_inverse=True)
+    return uniq, np.bincount(inv, weights=np.concatenate(cnt_all))
 
 
 def _order(keys: np.ndarray) -> np.ndarray:
@@ -422,8 +420,7 @@ def _lookup(sorted_keys: np.ndarray, values: np.ndarray, query: np.ndarray, defa
     if len(sorted_keys) == 0:
         return np.full(len(query), default)
     pos = np.clip(np.searchsorted(sorted_keys, query), 0, len(sorted_keys) - 1)
-    hit = sorted_keys[pos] == query
-    return np.where(hit, values[pos], default)
+    return np.where(sorted_keys[pos] == query, values[pos], default)
 
 
 class LangCounts:
@@ -431,41 +428,46 @@ class LangCounts:
 
     def __init__(self, keys: np.ndarray, counts: np.ndarray) -> None:
         self.keys, self.counts = keys, counts
-        ctx = keys >> 7
         multi = _order(keys) > 1
-        c_uniq, c_inv = np.unique(ctx[multi], return_inverse=True)
+        c_uniq, c_inv = np.unique(keys[multi] >> 7, return_inverse=True)
         self.ctx_keys = c_uniq
         self.ctx_count = np.bincount(c_inv, weights=counts[multi])
         self.ctx_types = np.bincount(c_inv).astype(np.float64)
-        uni = ~multi
-        self.uni_total = counts[uni].sum()
+        self.uni_total = counts[~multi].sum()
 
 
-def build_tables(dists: dict[str, dict[str, float]]) -> dict[str, np.ndarray]:
-    """Character LM tables and word table for all languages, as arrays ready to save."""
+def count_all(dists: dict[str, dict[str, float]]) -> tuple[Alphabet, dict[str, LangCounts]]:
+    """Character n-gram counts of every language (words weighted by frequency ** CHAR_BETA)."""
     alphabets = {lang: language_alphabet(d) for lang, d in dists.items()}
     alpha = Alphabet(set().union(*alphabets.values()))
+    top: dict[str, float] = {}
+    for d in dists.values():
+        for w, f in d.items():
+            if f > top.get(w, 0.0):
+                top[w] = f
     per_lang: dict[str, LangCounts] = {}
     for lang in LANGS:
         d = dists[lang]
-        allowed = alphabets[lang]
-        words = [w for w in d if all(c in allowed for c in w)]
+        # Frequency lists of every language contain English and neighbours' words (web text);
+        # the spelling model of a language learns only from words that are at home in it.
+        words = [w for w, f in d.items() if f >= PURITY * top[w] and all(c in alphabets[lang] for c in w)]
         f = np.array([d[w] for w in words])
-        weights = (f / f.min()) ** CHAR_BETA
-        t0 = time.time()
-        keys, counts = count_ngrams(words, weights, alpha)
+        keys, counts = count_ngrams(words, (f / f.min()) ** CHAR_BETA, alpha)
         per_lang[lang] = LangCounts(keys, counts)
-        print(f"  {lang}: {len(words):7d} words, {len(keys):8d} n-grams ({time.time() - t0:.1f}s)", file=sys.stderr)
+        log(f"  {lang}: {len(words):7d} words, {len(keys):8d} n-grams")
+    return alpha, per_lang
 
-    # Rows: every n-gram that some language saw at least MIN_COUNT times, plus all unigrams.
-    uni = np.array([alpha.code[c] for c in alpha.chars if c != BOS], dtype=np.int64)
-    kept = [uni]
-    for lc in per_lang.values():
-        kept.append(lc.keys[(lc.counts >= MIN_COUNT) & (_order(lc.keys) > 1)])
+
+def char_tables(alpha: Alphabet, per_lang: dict[str, LangCounts]) -> dict[str, np.ndarray]:
+    """Smoothed log P(letter | context) for all kept n-grams, and log back-off weights of contexts."""
+    uni = np.array([EOS] + [alpha.code[c] for c in alpha.letters], dtype=np.int64)
+    kept = [uni] + [lc.keys[(lc.counts >= MIN_COUNT) & (_order(lc.keys) > 1)] for lc in per_lang.values()]
     rows = np.unique(np.concatenate(kept))
     orders = _order(rows)
-    logp = np.zeros((len(rows), len(LANGS)), dtype=np.float64)
-    n_alpha = len(uni)
+    ctx_all = np.unique(np.concatenate([lc.ctx_keys[lc.ctx_count >= MIN_CTX_COUNT] for lc in per_lang.values()]))
+    logp = np.zeros((len(rows), len(LANGS)))
+    freq = np.zeros((len(rows), len(LANGS)))      # share of the language's letter positions
+    log_gamma = np.zeros((len(ctx_all), len(LANGS)))
     for li, lang in enumerate(LANGS):
         lc = per_lang[lang]
         prob = np.zeros(len(rows))
@@ -474,59 +476,111 @@ def build_tables(dists: dict[str, dict[str, float]]) -> dict[str, np.ndarray]:
             g = rows[sel]
             c = _lookup(lc.keys, lc.counts, g)
             if n == 1:
-                prob[sel] = (1 - UNIGRAM_FLOOR) * c / lc.uni_total + UNIGRAM_FLOOR / n_alpha
+                prob[sel] = (1 - UNIGRAM_FLOOR) * c / lc.uni_total + UNIGRAM_FLOOR / len(uni)
                 continue
-            suffix = g & ((1 << (7 * (n - 1))) - 1)
-            lower = prob[np.searchsorted(rows, suffix)]
-            ctx = g >> 7
-            cc = _lookup(lc.ctx_keys, lc.ctx_count, ctx)
-            ct = _lookup(lc.ctx_keys, lc.ctx_types, ctx)
+            lower = prob[np.searchsorted(rows, g & ((1 << (7 * (n - 1))) - 1))]
+            cc = _lookup(lc.ctx_keys, lc.ctx_count, g >> 7)
+            ct = _lookup(lc.ctx_keys, lc.ctx_types, g >> 7)
             seen = cc > 0
             prob[sel] = np.where(seen, (c + ct * lower) / np.where(seen, cc + ct, 1.0), lower)
         logp[:, li] = np.log(prob)
-
-    # Backoff weights of contexts: used when a context is known but the next letter never followed it.
-    ctx_all = np.unique(np.concatenate([lc.ctx_keys[lc.ctx_count >= MIN_CTX_COUNT] for lc in per_lang.values()]))
-    log_gamma = np.zeros((len(ctx_all), len(LANGS)))
-    for li, lang in enumerate(LANGS):
-        lc = per_lang[lang]
+        freq[:, li] = _lookup(lc.keys, lc.counts, rows) / lc.uni_total
         cc = _lookup(lc.ctx_keys, lc.ctx_count, ctx_all)
         ct = _lookup(lc.ctx_keys, lc.ctx_types, ctx_all)
-        log_gamma[:, li] = np.where(cc > 0, np.log(np.where(cc > 0, ct, 1.0) / np.where(cc > 0, cc + ct, 1.0)), 0.0)
+        seen = cc > 0
+        log_gamma[:, li] = np.where(seen, np.log(np.where(seen, ct / np.where(seen, cc + ct, 1.0), 1.0)), 0.0)
+    return {"rows": rows, "logp": logp, "freq": freq, "ctx": ctx_all, "log_gamma": log_gamma}
 
-    # Word table: Zipf frequency of each word in each language (0 = not listed).
-    vocab = sorted(set().union(*dists.values()))
-    zipf = np.zeros((len(vocab), len(LANGS)), dtype=np.float64)
-    index = {w: i for i, w in enumerate(vocab)}
-    for li, lang in enumerate(LANGS):
+
+def prune_char(t: dict[str, np.ndarray], theta: float, theta_ctx: float) -> dict[str, np.ndarray]:
+    """Drop n-grams that matter little: how often they occur times how far back-off is from them.
+
+    Importance of an n-gram = max over languages of (its share of that language's letters) x
+    |log P - log P_backoff| (Stolcke-style relative-entropy pruning, per language).
+    """
+    rows, logp, freq, ctx, lg = t["rows"], t["logp"], t["freq"], t["ctx"], t["log_gamma"]
+    orders = _order(rows)
+    keep = orders == 1
+    multi = ~keep
+    n = orders[multi]
+    suffix = rows[multi] & ((np.int64(1) << (7 * (n - 1))) - 1)
+    backoff = logp[np.searchsorted(rows, suffix)]
+    cpos = np.clip(np.searchsorted(ctx, rows[multi] >> 7), 0, len(ctx) - 1)
+    has_ctx = ctx[cpos] == rows[multi] >> 7
+    backoff = backoff + np.where(has_ctx[:, None], lg[cpos], 0.0)
+    importance = (freq[multi] * np.abs(logp[multi] - backoff)).max(axis=1)
+    keep[multi] = importance >= theta
+    # a context's back-off weight is needed only where some kept longer n-gram could miss
+    kept_ctx = np.unique(rows[keep & (orders > 1)] >> 7)
+    ckeep = np.isin(ctx, kept_ctx) & (np.abs(lg).max(axis=1) >= theta_ctx)
+    return {"rows": rows[keep], "logp": logp[keep], "ctx": ctx[ckeep], "log_gamma": lg[ckeep]}
+
+
+def word_table(dists: dict[str, dict[str, float]], char_model: Model, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Hashed word table: Zipf frequency per language for the words the spelling model gets wrong.
+
+    A listed word is kept when, judged alone, the character model would give it a different
+    label (en/sv/es/other) than its listed frequencies do, or the same label by less than
+    `margin` nats; the rest the character model already decides the same way.
+    """
+    vocab: dict[str, None] = {}
+    for lang in LANGS:
+        floor = MIN_ZIPF_SCOPE if lang in IN_SCOPE else MIN_ZIPF_OTHER
         for w, f in dists[lang].items():
-            zipf[index[w], li] = math.log10(f) + 9.0
+            if math.log10(f) + 9.0 >= floor:
+                vocab[w] = None
+    words = list(vocab)
+    zipf = np.zeros((len(words), len(LANGS)))
+    for li, lang in enumerate(LANGS):
+        d = dists[lang]
+        zipf[:, li] = [math.log10(d[w]) + 9.0 if w in d else 0.0 for w in words]
+    zipf = np.where(zipf > 0, np.maximum(zipf, WORD_STEP), 0.0)
+    prior = np.array([0.0 if lang in IN_SCOPE else PRIOR_OTHER for lang in LANGS])
+    n_in = len(IN_SCOPE)
 
-    return {
-        "ngram_keys": _blob(alpha.decode(int(k)) for k in rows),
-        "ngram_q": _quantize(-logp, NGRAM_STEP),
-        "ctx_keys": _blob(alpha.decode(int(k)) for k in ctx_all),
-        "ctx_q": _quantize(-log_gamma, NGRAM_STEP),
-        "word_keys": _blob(vocab),
-        "word_q": np.where(zipf > 0, np.clip(np.round(zipf / WORD_STEP), 1, 255), 0).astype(np.uint8),
-    }
+    def groups(score: np.ndarray) -> np.ndarray:  # en, sv, es, best rejected language
+        return np.concatenate([score[:, :n_in], score[:, n_in:].max(axis=1, keepdims=True)], axis=1)
+
+    keep = np.zeros(len(words), dtype=bool)
+    step = 5000
+    for start in range(0, len(words), step):
+        char = char_model.char_lp(words[start:start + step]).astype(np.float64) + math.log(1 - WORD_LAMBDA)
+        z = zipf[start:start + step]
+        with np.errstate(divide="ignore"):
+            listed = np.where(z > 0, (z - 9.0) * math.log(10) + math.log(WORD_LAMBDA), -np.inf)
+        full = groups(np.logaddexp(listed, char) + prior)
+        alone = groups(char + prior)
+        label = full.argmax(axis=1)
+        rows = np.arange(len(label))
+        rival = alone.copy()
+        rival[rows, label] = -np.inf
+        keep[start:start + step] = alone[rows, label] - rival.max(axis=1) < margin
+    idx = np.nonzero(keep)[0]
+    hashes = np.array([word_hash(words[i]) for i in idx], dtype=np.uint32)
+    q = np.clip(np.round(zipf[idx] / WORD_STEP), 0, 255).astype(np.uint8)
+    # on a hash collision keep the more frequent word (a collision costs one word, nothing else)
+    order = np.lexsort((-zipf[idx].max(axis=1), hashes))
+    hashes, q = hashes[order], q[order]
+    first = np.ones(len(hashes), dtype=bool)
+    first[1:] = hashes[1:] != hashes[:-1]
+    log(f"  word table: {len(words)} candidates, {len(idx)} kept, {int((~first).sum())} hash collisions dropped")
+    return hashes[first], q[first]
 
 
-def _blob(strings: Iterable[str]) -> np.ndarray:
-    """Newline-joined UTF-8 strings as a uint8 array (fast to load, no pickle)."""
-    return np.frombuffer("\n".join(strings).encode("utf-8"), dtype=np.uint8)
+def _quantize(neg_log: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(neg_log / NGRAM_STEP), 0, 255).astype(np.uint8)
 
 
-def _quantize(neg_log: np.ndarray, step: float) -> np.ndarray:
-    return np.clip(np.round(neg_log / step), 0, 255).astype(np.uint8)
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def meta() -> dict:
+def meta(alpha: Alphabet) -> dict:
     """Parameters the runtime needs, stored with the tables."""
     return {
-        "version": "langid-nb-wb5-1",
+        "version": "langid-wb5-1",
         "langs": list(LANGS),
-        "in_scope": list(IN_SCOPE),
+        "alphabet": alpha.letters,
         "order": ORDER,
         "word_lambda": WORD_LAMBDA,
         "prior_other": PRIOR_OTHER,
@@ -535,7 +589,8 @@ def meta() -> dict:
         "locale_boost_en": LOCALE_BOOST_EN,
         "neutral_words": NEUTRAL_WORDS,
         "params": {
-            "char_beta": CHAR_BETA, "min_count": MIN_COUNT, "min_ctx_count": MIN_CTX_COUNT,
+            "purity": PURITY, "char_beta": CHAR_BETA, "min_count": MIN_COUNT, "min_ctx_count": MIN_CTX_COUNT,
+            "theta_ngram": THETA_NGRAM, "theta_ctx": THETA_CTX, "word_margin": WORD_MARGIN,
             "unigram_floor": UNIGRAM_FLOOR, "min_zipf_scope": MIN_ZIPF_SCOPE,
             "min_zipf_other": MIN_ZIPF_OTHER, "strip_share": STRIP_SHARE,
             "es_delete_share": ES_DELETE_SHARE, "own_text_share": OWN_TEXT_SHARE,
@@ -543,17 +598,36 @@ def meta() -> dict:
     }
 
 
+def _meta_array(m: dict) -> np.ndarray:
+    return np.frombuffer(json.dumps(m, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
+
+
+def assemble(alpha: Alphabet, char: dict[str, np.ndarray], dists: dict[str, dict[str, float]],
+             extra_meta: dict | None = None) -> dict[str, np.ndarray]:
+    """Prune the character tables, choose the word table, and return the arrays to save."""
+    pruned = prune_char(char, THETA_NGRAM, THETA_CTX)
+    m = meta(alpha) | (extra_meta or {})
+    arrays = {
+        "ngram_keys": pruned["rows"],
+        "ngram_q": _quantize(-pruned["logp"]),
+        "ctx_keys": pruned["ctx"],
+        "ctx_q": _quantize(-pruned["log_gamma"]),
+        "word_keys": np.zeros(0, dtype=np.uint32),
+        "word_q": np.zeros((0, len(LANGS)), dtype=np.uint8),
+        "meta": _meta_array(m),
+    }
+    log(f"  n-grams: {len(char['rows'])} -> {len(pruned['rows'])}; contexts: {len(char['ctx'])} -> {len(pruned['ctx'])}")
+    arrays["word_keys"], arrays["word_q"] = word_table(dists, Model(arrays), WORD_MARGIN)
+    return arrays
+
+
 def build(holdout: int = 0) -> dict[str, np.ndarray]:
     """All arrays of the model (holdout > 0 leaves that percentage of wordfreq words out)."""
-    dists = {}
-    for lang in LANGS:
-        dists[lang] = word_distribution(lang, holdout)
-    arrays = build_tables(dists)
-    m = meta()
-    m["training"] = {lang: len(d) for lang, d in dists.items()}
-    m["training_files"] = sorted(p.name for p in TRAINING_DATA.glob("*.jsonl")) if TRAINING_DATA.is_dir() else []
-    arrays["meta"] = np.frombuffer(json.dumps(m, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
-    return arrays
+    dists = {lang: word_distribution(lang, holdout) for lang in LANGS}
+    alpha, per_lang = count_all(dists)
+    char = char_tables(alpha, per_lang)
+    files = sorted(p.name for p in TRAINING_DATA.glob("*.jsonl")) if TRAINING_DATA.is_dir() else []
+    return assemble(alpha, char, dists, {"training_files": files, "holdout_percent": holdout})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +639,7 @@ def dev_check(model: Model, holdout: int, n: int = 600) -> dict[str, float]:
     out: dict[str, float] = {}
     for lang in LANGS:
         pool = [(w, f) for w, f in wordfreq_words(lang, 1.5).items()
-                if _holdout(w, lang, holdout) and len(w) >= 5]
+                if _holdout(w, holdout) and len(w) >= 5]
         if not pool:
             continue
         words = [w for w, _ in pool]
@@ -591,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     arrays = build(args.dev)
     if args.dev:
-        model = Model.from_arrays(arrays)
+        model = Model(arrays)
         for k, v in dev_check(model, args.dev).items():
             print(f"{k:10s} {v:.3f}")
         return 0
@@ -599,8 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(args.out, **arrays)
     t1 = time.time()
     Model.load(args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {t1 - t0:.0f}s; "
-          f"load {time.time() - t1:.3f}s", file=sys.stderr)
+    log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {t1 - t0:.0f}s; "
+        f"load {time.time() - t1:.3f}s")
     return 0
 
 

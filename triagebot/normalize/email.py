@@ -52,9 +52,15 @@ _STRUCTURAL_DEFECTS = (
 REPORT_TYPES = ("message/delivery-status", "message/global-delivery-status", "message/feedback-report",
                 "message/disposition-notification", "message/global-disposition-notification")
 
-_HEADER_LINE = re.compile(rb"^[!-9;-~]{1,100}[ \t]*:")
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 11, 12, 13, 27))   # ESC is ISO-2022-JP
+_HEADER_LINE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}[ \t]*:")   # a field name (RFC 5322 3.6.8, in practice)
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,60})\?([QqBb])\?([^?]*?)\?=")
 _BETWEEN_WORDS = re.compile(r"(=\?[^?\s]{1,60}\?[QqBb]\?[^?]*?\?=)\s+(?==\?)")
+_KNOWN_HEADERS = frozenset({"from", "to", "cc", "subject", "date", "message-id", "sender", "reply-to",
+                            "received", "return-path", "delivered-to", "mime-version", "content-type",
+                            "in-reply-to", "references", "x-mailer", "x-original-to"})
+_C1_BYTES = re.compile(rb"[\x80-\x9f]")
+_SURROGATE = re.compile("[\udc80-\udcff]")
 _MSGID = re.compile(r"<[^<>\s]{1,500}>")
 # typical traces of UTF-8 read as latin-1/cp1252 (Ã¥ Ã¤ Ã¶ Ã© Ã± â€™ Â ...)
 _MOJIBAKE = re.compile("[ÃÂ][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013"
@@ -119,7 +125,7 @@ def decode_bytes(data: bytes, charset: str | None) -> tuple[str, bool]:
                     return utf, True
             except UnicodeDecodeError:
                 pass
-        guessed = cs != "cp1252" and any(0x80 <= b <= 0x9F for b in data)
+        guessed = cs != "cp1252" and _C1_BYTES.search(data) is not None
         return _repair(data.decode("cp1252", "triagebot-latin1")), guessed
     # no label, ascii label with 8-bit bytes, a label that failed, or a decode that looks like mojibake
     candidates = []
@@ -167,9 +173,10 @@ def decode_header(value: str) -> tuple[str, bool]:
     """An RFC 2047 header value as text (broken encoded words and raw 8-bit bytes too); (text, guessed)."""
     value = value[:MAX_HEADER_VALUE * 2]
     guessed = False
-    if any("\udc80" <= ch <= "\udcff" for ch in value):
+    if not value.isascii() and _SURROGATE.search(value):
         # compat32 keeps raw 8-bit header bytes as surrogates (RFC 6532 UTF-8, or a cp1252 header)
-        value, guessed = decode_bytes(value.encode("ascii", "surrogateescape"), "")
+        # RFC 6532 allows raw UTF-8 in headers; anything else (cp1252 from old clients) is a guess
+        value, guessed = decode_bytes(value.encode("ascii", "surrogateescape"), "utf-8")
     value = re.sub(r"\r?\n[ \t]+", " ", value).replace("\r", "").replace("\n", " ")
     if "=?" not in value:
         return value.strip(), guessed
@@ -191,7 +198,8 @@ def _looks_like_email(raw: bytes) -> bytes:
     if len(raw) > MAX_RAW:
         raise InputError(f"not an email: {len(raw)} bytes is too large")
     head = raw[:4096]
-    if head.count(b"\x00") > 0 or sum(1 for b in head if b < 9 or 13 < b < 32) > len(head) // 50:
+    # a stray NUL or control byte occurs in real bounces; many of them mean a binary file
+    if len(head) - len(head.translate(None, _CONTROL_BYTES)) > len(head) // 50 + 2:
         raise InputError("not an email: binary data")
     raw = raw.lstrip(b"\r\n\t ")
     if raw.startswith(b"From "):   # an mbox "From " envelope line
@@ -270,7 +278,7 @@ class _Walk:
             if ctype == "message/rfc822" and isinstance(payload, list) and payload:
                 self.enclosed.append(payload[0])
             # size 0: re-serializing an enclosed message costs more than it tells (and can nest deeply)
-            self.attachments.append(Attachment(None, ctype, 0, None))
+            self.attachments.append(Attachment(_filename(part), ctype, 0, None))
             return
         data = self.payload_bytes(part)
         filename = _filename(part)
@@ -390,8 +398,9 @@ def _parse(raw: bytes) -> Message:
     flags: set[str] = set()
     headers: list[tuple[str, str]] = []
     first: dict[str, str] = {}
-    for name, value in msg.items()[:MAX_HEADERS]:
-        if not isinstance(value, str):      # compat32 may hand back Header objects for odd input
+    # raw_items: the stored values, with raw 8-bit bytes still as surrogates (items() would turn them into U+FFFD)
+    for name, value in list(msg.raw_items())[:MAX_HEADERS]:
+        if not isinstance(value, str):
             value = str(value)
         text, guessed = decode_header(value)
         if guessed:
@@ -399,8 +408,9 @@ def _parse(raw: bytes) -> Message:
         text = text[:MAX_HEADER_VALUE]
         headers.append((name, text))
         first.setdefault(name.lower(), text)
-    if not headers:
-        raise InputError("not an email: no header fields")
+    if not headers or not _KNOWN_HEADERS.intersection(first):
+        # "Note: call Anna" as the first line of a text file is a field, but no mail has only such fields
+        raise InputError("not an email: no From, To, Subject, Date, Message-ID or MIME header")
 
     walker = _Walk()
     walker.walk(msg, 0)
@@ -422,15 +432,15 @@ def _parse(raw: bytes) -> Message:
             "\n\n".join(html_to_text(t) for t in inner.html if t.strip())
         if body.strip():
             flags.add("forwarded")
-    parts = split_reply(body)
+    sender_name, sender = parseaddr(first.get("from", ""))
+    if not sender and first.get("sender"):
+        sender_name, sender = parseaddr(first["sender"])
+    parts = split_reply(body, sender_name=sender_name or None)
     if parts.forwarded:
         flags.add("forwarded")
     if not parts.new.strip():
         flags.add("no_text")
 
-    sender_name, sender = parseaddr(first.get("from", ""))
-    if not sender and first.get("sender"):
-        sender_name, sender = parseaddr(first["sender"])
     recipients = []
     for name in ("to", "cc"):
         for k, v in headers:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 
-MAX_HTML = 2_000_000     # characters of HTML looked at; hostile or huge mail is cut here
+MAX_HTML = 1_000_000     # characters of HTML looked at; hostile or huge mail is cut here (about 1 s of parsing)
+MAX_QUOTE_PREFIX = 10    # "> " levels written for nested <blockquote>
 MAX_DEPTH = 200          # open elements tracked; deeper nesting is treated as flat
 HR_LINE = "_" * 32
 _CELL = "\x1f"           # cell separator that survives whitespace collapsing; becomes a tab
@@ -50,11 +51,14 @@ class _TextParser(HTMLParser):
             text = _WS.sub(" ", text).strip()
             text = re.sub(r" ?\x1f ?", "\t", text).strip("\t ")
         if text:
-            if self.pending_blank and self.lines and self.lines[-1][1] != "":
-                self.lines.append((self.cur_depth, ""))
-            self.lines.append((self.cur_depth, text))
-            self.pending_blank = False
+            self._emit(self.cur_depth, text)
         self.cur = []
+
+    def _emit(self, depth: int, text: str) -> None:
+        if self.pending_blank and self.lines and self.lines[-1][1] != "":
+            self.lines.append((depth, ""))
+        self.lines.append((depth, text))
+        self.pending_blank = False
 
     def _block(self, blank: bool = False) -> None:
         self._newline()
@@ -80,7 +84,7 @@ class _TextParser(HTMLParser):
             self._newline()
         elif tag == "hr":
             self._block()
-            self.lines.append((self.quote, HR_LINE))
+            self._emit(self.quote, HR_LINE)
         elif tag == "blockquote":
             self._block(blank=True)
             self.quote += 1
@@ -158,19 +162,41 @@ class _TextParser(HTMLParser):
         self._newline()
 
 
+# A "<" that starts no tag, or whose tag never closes before the next "<": HTMLParser rescans such input
+# from each "<" to the end, which is quadratic ("<a <a <a ..." of 100 kB takes minutes); escape it first.
+_LONE_LT = re.compile(r"<(?![A-Za-z/!?])|<(?=[^<>]*(?:<|\Z))")
+
+
+def _defuse(html: str) -> str:
+    """HTML without comments and without "<" that cannot start a complete tag, in linear time."""
+    out: list[str] = []
+    i = 0
+    while True:
+        j = html.find("<!--", i)
+        if j < 0:
+            out.append(html[i:])
+            break
+        out.append(html[i:j])
+        k = html.find("-->", j + 4)
+        if k < 0:
+            break            # an unclosed comment hides the rest, as in a browser
+        i = k + 3
+    return _LONE_LT.sub("&lt;", "".join(out))
+
+
 def html_to_text(html: str) -> str:
     """Readable plain text from an HTML body (never raises on broken HTML)."""
     if not html:
         return ""
     parser = _TextParser()
     try:
-        parser.feed(html[:MAX_HTML])
+        parser.feed(_defuse(html[:MAX_HTML]))
         parser.close()
     except Exception:  # noqa: BLE001 - HTMLParser can trip over hostile markup; keep what was read
         parser._newline()
     out: list[str] = []
     for depth, text in parser.lines:
-        prefix = "> " * depth
+        prefix = "> " * min(depth, MAX_QUOTE_PREFIX)
         out.append((prefix + text) if text else "")
     result = "\n".join(out).strip("\n")
     return re.sub(r"\n{3,}", "\n\n", result)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import re
 import threading
 import unicodedata
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import spacy
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.pipeline import FeatureUnion, Pipeline
 from spacy.language import Language
+from spacy.tokenizer import Tokenizer
 
 # spaCy blank pipelines with a lookup lemmatizer (spacy-lookups-data); "other" gets the multi-language tokenizer.
 LEMMA_LANGUAGES = ("en", "sv", "es")
@@ -29,14 +31,16 @@ MAX_CHARS = 4000
 
 # Placeholders are plain lower-case words so the spaCy tokenizer keeps them whole.
 _PREPASS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\b(?:https?://|www\.)\S+"), " zzurl "),
+    (re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"), " zzemail "),
     # ICCID: 19-20 digits starting 89, written with spaces or dashes, maybe a trailing F (TAXONOMY.md)
     (re.compile(r"(?<![\d+])89(?:[ \-]?\d){17,18}[fF]?(?!\d)"), " zziccid "),
     # 15 digits in one piece: IMSI or IMEI; which one does not matter to the category
     (re.compile(r"(?<![\d+])\d{15}(?!\d)"), " zzid15 "),
-    # ISO dates and dotted/slashed dates before the phone rule eats them
-    (re.compile(r"\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}[./]\d{1,2}[./]\d{2,4}\b"), " zzdate "),
     # IPv4 addresses and subnets: static IPs and tunnels point at network_access
     (re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?:/\d{1,2})?\b"), " zzip "),
+    # ISO dates and dotted/slashed dates before the phone rule eats them
+    (re.compile(r"\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}[./]\d{1,2}[./]\d{2,4}\b"), " zzdate "),
     # clock times and time ranges ("22:00-02:00")
     (re.compile(r"\b\d{1,2}[:.]\d{2}(?::\d{2})?\b"), " zztime "),
     # phone numbers and other long digit runs with separators (8+ digits): "+46 8 555 012 34", "073-551 20 09"
@@ -47,14 +51,14 @@ _PREPASS: tuple[tuple[re.Pattern[str], str], ...] = (
 # a count written with thousands separators: "3,200", "1 400" (sv), "3.200" (es) -> plain digits
 _THOUSANDS = re.compile(r"(?<![\d.,])(\d{1,3})((?:[ \u00a0\u202f.,]\d{3})+)(?![\d]|[.,]\d)")
 _SEPARATORS = re.compile(r"[ \u00a0\u202f.,]")
-_DIGITS = re.compile(r"^\d+$")
-_DECIMAL = re.compile(r"^\d+[.,]\d+$")
-# letters and digits mixed ("k8s", "4g", "lte-m", "ab12cd"): keep the shape, not the value, when long
+_DECIMAL = re.compile(r"(?<![\d.,])\d+[.,]\d+(?![\d.,]*\d)")
+# letters and digits mixed ("k8s", "fw42b", "ab12cd"): keep the shape, not the value, when long
 _MIXED = re.compile(r"^(?=.*\d)(?=.*[a-z])[a-z0-9\-_/]{6,}$")
 _KEEP_PUNCT = {"?": "zzq", "!": "zzexcl", "¿": "zzq", "¡": "zzexcl"}
 
 _nlp_cache: dict[str, Language] = {}
 _nlp_lock = threading.Lock()
+_full_tables: dict[str, dict[str, str]] = {}
 
 
 def model_text(subject: str | None, text: str) -> str:
@@ -62,8 +66,24 @@ def model_text(subject: str | None, text: str) -> str:
     return f"{subject or ''}\n{text or ''}"
 
 
+def _tokenizer_rules() -> dict[str, Callable]:
+    """Prefix/suffix/infix rules of our spaCy tokenizer: punctuation only.
+
+    spaCy's default rules (URL matching, thousands of exceptions) cost ~200 µs for a typical message, most
+    of the classification budget; identifiers, numbers, URLs and e-mail addresses are already folded into
+    single tokens by `prepass`, so punctuation splitting is all that is left to do (~12 µs).
+    """
+    return {
+        "prefix_search": re.compile(r"""^[\[\({"'«‹“‘„¿¡*<>=:;,.!?/\\#%&+~|…-]""").search,
+        "suffix_search": re.compile(r"""[\])}"'»›”’*<>=:;,.!?/\\#%&+~|…-]$""").search,
+        "infix_finditer": re.compile(
+            r"""[/\\()\[\]{}=:;,!?¿¡"“”«»|+*<>…]|(?<=[^\W\d_])[.'’](?=[^\W\d_])|(?<=[^\W\d_])-(?=[^\W\d_])|--+"""
+        ).finditer,
+    }
+
+
 def get_nlp(language: str) -> Language:
-    """The cached spaCy blank pipeline for a language, with the lookup lemmatizer for en/sv/es."""
+    """The cached spaCy blank pipeline for a language ("xx" for other languages) with our tokenizer rules."""
     lang = language if language in LEMMA_LANGUAGES else "xx"
     nlp = _nlp_cache.get(lang)
     if nlp is not None:
@@ -72,12 +92,28 @@ def get_nlp(language: str) -> Language:
         nlp = _nlp_cache.get(lang)
         if nlp is None:
             nlp = spacy.blank(lang)
-            if lang != "xx":
-                # lookup mode needs only spacy-lookups-data tables; no trained pipeline is downloaded
-                nlp.add_pipe("lemmatizer", config={"mode": "lookup"})
-                nlp.initialize()
+            nlp.tokenizer = Tokenizer(nlp.vocab, **_tokenizer_rules())
             _nlp_cache[lang] = nlp
     return nlp
+
+
+def full_lemma_table(language: str) -> dict[str, str]:
+    """spacy-lookups-data's lemma_lookup table for en/sv/es, lower-case entries only (the tokens are lower-case).
+
+    This is the table spaCy's lemmatizer uses in "lookup" mode (lemma = table.get(text, text)). It is large
+    (sv 660k entries, es 490k: ~340 MB and 4 s to load all three), so it is only read while training;
+    the model keeps the entries that map onto a lemma seen in the training data (SpacyAnalyzer.lemmas_).
+    """
+    if language not in LEMMA_LANGUAGES:
+        return {}
+    table = _full_tables.get(language)
+    if table is None:
+        import spacy_lookups_data
+        from spacy.util import load_language_data
+
+        raw = load_language_data(spacy_lookups_data.get_file(f"{language}_lemma_lookup.json"))
+        table = _full_tables[language] = {k: v for k, v in raw.items() if k == k.lower() and k != v}
+    return table
 
 
 def strip_accents(s: str) -> str:
@@ -111,38 +147,46 @@ def prepass(text: str) -> str:
     s = text[:MAX_CHARS].lower()
     for pattern, repl in _PREPASS:
         s = pattern.sub(repl, s)
-    return _THOUSANDS.sub(lambda m: m.group(1) + _SEPARATORS.sub("", m.group(2)), s)
+    s = _THOUSANDS.sub(lambda m: m.group(1) + _SEPARATORS.sub("", m.group(2)), s)
+    # what is left with a decimal point or comma is a measurement ("1,5 GB"), not a count
+    return _DECIMAL.sub(" zzdecimal ", s)
 
 
-def analyse(language: str, text: str) -> list[str]:
-    """The tokens the vectorizers see for one message: lemmas, shape tokens and the language token."""
-    nlp = get_nlp(language)
-    doc = nlp(prepass(text))
+def analyse(language: str, text: str, lemmas: Mapping[str, str] | None = None) -> list[str]:
+    """The tokens the vectorizers see for one message: lemmas, shape tokens and the language token.
+
+    `lemmas` maps a lower-case word to its lemma (a lemma_lookup table); words it lacks stay as they are.
+    """
+    lemmas = lemmas or {}
+    doc = get_nlp(language).tokenizer(prepass(text))
     out = [LANGUAGE_TOKEN.format(language if language in LEMMA_LANGUAGES else "other")]
     for tok in doc:
-        if tok.is_space:
-            continue
         t = tok.text
         if t in _KEEP_PUNCT:
             out.append(_KEEP_PUNCT[t])
-        elif tok.is_punct:
+        elif tok.is_punct or tok.is_space:
             continue
         elif t.startswith("zz"):
             out.append(t)
-        elif _DIGITS.match(t):
+        elif t.isascii() and t.isdigit():
             out.append(_count_token(int(t)) if len(t) <= 7 else "zzlongnum")
-        elif _DECIMAL.match(t):
-            out.append("zzdecimal")
-        elif tok.like_email:
-            out.append("zzemail")
-        elif tok.like_url:
-            out.append("zzurl")
         elif _MIXED.match(t):
             out.append("zzcode")
         else:
-            lemma = tok.lemma_ or t
-            out.append(strip_accents(lemma))
+            out.append(strip_accents(lemmas.get(t, t)))
     return out
+
+
+def lemmas_used(language: str, texts: Iterable[str]) -> dict[str, str]:
+    """The part of the full lemma table that can map a word onto a lemma occurring in `texts`."""
+    full = full_lemma_table(language)
+    if not full:
+        return {}
+    seen: set[str] = set()
+    for text in texts:
+        for tok in get_nlp(language).tokenizer(prepass(text)):
+            seen.add(full.get(tok.text, tok.text))
+    return {w: lemma for w, lemma in full.items() if lemma in seen}
 
 
 def make_inputs(languages: Sequence[str], texts: Sequence[str]) -> np.ndarray:
@@ -182,25 +226,53 @@ class CompactTfidfVectorizer(TfidfVectorizer):
 
 
 class SpacyAnalyzer(TransformerMixin, BaseEstimator):
-    """Turns (language, text) rows into space-joined lemma/shape token strings; stateless."""
+    """Turns (language, text) rows into space-joined lemma/shape token strings.
+
+    Learned: `lemmas_`, per language the entries of spacy-lookups-data's lemma_lookup table whose lemma occurs
+    in the training texts. Training texts are analysed exactly as with the full table; a word the pruned
+    table lacks would have been mapped onto a lemma no feature knows.
+    """
 
     def __init__(self, max_chars: int = MAX_CHARS) -> None:
         self.max_chars = max_chars
 
     def fit(self, X: Iterable, y: object = None) -> "SpacyAnalyzer":
-        """Nothing to learn; present for the Pipeline."""
+        """Keep the lemma table entries that matter for the training texts."""
+        rows = _rows(X)
+        self.lemmas_ = {lang: lemmas_used(lang, (str(t)[: self.max_chars] for l, t in rows if l == lang))
+                        for lang in LEMMA_LANGUAGES}
         return self
 
     def transform(self, X: Iterable) -> np.ndarray:
         """One token string per row."""
-        rows = np.asarray(X, dtype=object)
-        if rows.ndim != 2 or rows.shape[1] != 2:
-            raise ValueError("expected rows of (language, text); build them with make_inputs()")
-        return np.array([" ".join(analyse(str(lang), str(text)[: self.max_chars])) for lang, text in rows],
-                        dtype=object)
+        lemmas = self.__dict__.get("lemmas_")
+        if lemmas is None:
+            raise NotFittedError("SpacyAnalyzer is not fitted")
+        return np.array([" ".join(analyse(str(lang), str(text)[: self.max_chars], lemmas.get(str(lang))))
+                         for lang, text in _rows(X)], dtype=object)
 
-    def __sklearn_is_fitted__(self) -> bool:
-        return True
+    def __getstate__(self) -> dict:
+        # as string arrays: skops writes a dict as one node per entry (slow to load for 100k entries)
+        state = dict(super().__getstate__())
+        lemmas = state.pop("lemmas_", None)
+        if lemmas is not None:
+            state["lemma_words_"] = {k: np.array(list(v.keys()), dtype=str) for k, v in lemmas.items()}
+            state["lemma_lemmas_"] = {k: np.array(list(v.values()), dtype=str) for k, v in lemmas.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        words, lemmas = state.pop("lemma_words_", None), state.pop("lemma_lemmas_", None)
+        if words is not None and lemmas is not None:
+            state["lemmas_"] = {k: dict(zip(words[k].tolist(), lemmas[k].tolist())) for k in words}
+        super().__setstate__(state)
+
+
+def _rows(X: Iterable) -> np.ndarray:
+    rows = np.asarray(X, dtype=object)
+    if rows.ndim != 2 or rows.shape[1] != 2:
+        raise ValueError("expected rows of (language, text); build them with make_inputs()")
+    return rows
 
 
 def build_features(word_ngrams: tuple[int, int] = (1, 2), char_ngrams: tuple[int, int] | None = (2, 5),
