@@ -637,11 +637,13 @@ def test_send_the_suggested_reply_to_a_mail_customer(env, relay):
     result = actions.send_reply(env.settings, env.sessions, None, case.id, AGENT)
     assert result.ok
     with env.sessions() as s:
-        outbox = s.scalars(select(Outbox)).all()
+        outbox = s.scalars(select(Outbox).where(Outbox.kind == "reply")).all()
         kind = s.scalars(select(CaseEvent.kind).where(CaseEvent.kind.like("reply_%"))).one()
     if relay:
         assert kind == "reply_queued" and len(outbox) == 1 and outbox[0].recipient == "ana@cliente.example.es"
         assert b"In-Reply-To: <fact-1@cliente.example.es>" in outbox[0].raw and case.reference.encode() in outbox[0].raw
+        with env.sessions() as s:   # the customer's answer to it threads into the case
+            assert s.get(ThreadKey, f"msgid:{outbox[0].message_id.lower()}").case_id == case.id
     else:
         assert kind == "reply_recorded" and outbox == []
 

@@ -176,6 +176,27 @@ def cmd_smtp(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_imap(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the IMAP poller (or one pass with --once)."""
+    from triagebot.intake import imap
+    if args.once:
+        print(f"stored {imap.poll_once(settings, processed_folder=args.move_to)}", flush=True)
+        return 0
+    imap.serve(settings, processed_folder=args.move_to)
+    return 0
+
+
+def cmd_sender(args: argparse.Namespace, settings: Settings) -> int:
+    """Send queued outgoing mail through the relay (or one pass with --once)."""
+    from triagebot.outbound import relay
+    if args.once:
+        r = relay.send_once(settings)
+        print(f"sent {len(r.sent)} retry {len(r.retry)} failed {len(r.failed)}", flush=True)
+        return 0
+    relay.serve(settings)
+    return 0
+
+
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     """Run the web process (/healthz, /metrics, Slack events and interactivity)."""
     from dataclasses import replace
@@ -191,10 +212,80 @@ def cmd_slack(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    """Remove raw messages and personal data older than the age; keep the anonymised statistics."""
+    from datetime import timedelta
+    from triagebot import privacy
+    from triagebot.db.engine import open_db
+    try:
+        age = privacy.parse_age(args.older_than) if args.older_than else timedelta(days=settings.retention_days)
+    except ValueError as e:
+        print(f"triagebot purge: {e}", file=sys.stderr)
+        return 2
+    _engine, sessions = open_db(settings.database_url)
+    report = privacy.purge(sessions, age, privacy.admin_actor(args.actor))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"purged before {report['cutoff']}: " + " ".join(f"{k}={v}" for k, v in report.items() if k != "cutoff"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Write everything stored about a customer (name, domain or address) as JSON: a data-subject request."""
+    import os
+    from triagebot import privacy
+    from triagebot.db.engine import open_db
+    _engine, sessions = open_db(settings.database_url)
+    data = privacy.export(sessions, args.customer, privacy.admin_actor(args.actor), rules_dir=settings.rules_dir)
+    text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    if args.out:
+        # personal data: readable by the owner only
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    if not (data["cases"] or data["messages"]):
+        print(f"triagebot export: nothing stored for {args.customer!r}", file=sys.stderr)
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+    """Remove or anonymise everything personal about one contact (address or Slack user id); statistics stay."""
+    from triagebot import privacy
+    from triagebot.db.engine import open_db
+    _engine, sessions = open_db(settings.database_url)
+    report = privacy.forget(sessions, args.contact, privacy.admin_actor(args.actor))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print("forgotten: " + " ".join(f"{k}={v}" for k, v in report.items()))
+    if report.get("intake_still_queued"):
+        print(f"triagebot forget: {report['intake_still_queued']} queued message(s) name the contact; "
+              "run forget again after the worker has processed them", file=sys.stderr)
+    return 0
+
+
+# Admin commands that read or change stored data and are audited by main(); purge, export and forget
+# record their own audit rows, with their results.
+AUDITED_COMMANDS = ("status", "requeue")
+
+
+def _audit_command(args: argparse.Namespace, settings: Settings) -> None:
+    from triagebot import privacy
+    from triagebot.db.engine import open_db
+    _engine, sessions = open_db(settings.database_url)
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("func", "command", "config", "verbose", "actor") and isinstance(v, (str, int, bool, list))}
+    privacy.audit(sessions, privacy.admin_actor(args.actor), args.command, None, {"args": options})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triagebot", description=__doc__)
     p.add_argument("--config", help="a TOML settings file (default: TRIAGEBOT_CONFIG)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--actor", help="who runs this, for the audit trail (default: $USER)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("triage", help="classify messages without storing them")
@@ -229,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_smtp)
 
+    s = sub.add_parser("imap", help="run the IMAP poller")
+    s.add_argument("--once", action="store_true", help="one pass over the mailboxes, then exit")
+    s.add_argument("--move-to", metavar="FOLDER", help="move stored mail to this folder instead of marking it read")
+    s.set_defaults(func=cmd_imap)
+
+    s = sub.add_parser("sender", help="send queued outgoing mail through the relay")
+    s.add_argument("--once", action="store_true", help="one pass over the due mail, then exit")
+    s.set_defaults(func=cmd_sender)
+
     s = sub.add_parser("web", help="run the web process")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
@@ -239,6 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("migrate", help="create or upgrade the database schema")
     s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("purge", help="remove raw messages and personal data past the retention age")
+    s.add_argument("--older-than", metavar="AGE", help="e.g. 90d, 12w, 36h (default: TRIAGEBOT_RETENTION_DAYS days)")
+    s.add_argument("--actor", default=argparse.SUPPRESS, help="who runs this, for the audit trail (default: $USER)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_purge)
+
+    s = sub.add_parser("export", help="everything stored about a customer, as JSON (data-subject request)")
+    s.add_argument("--customer", required=True, metavar="NAME|DOMAIN|ADDRESS")
+    s.add_argument("--out", metavar="FILE", help="write to this file (mode 600) instead of stdout")
+    s.add_argument("--actor", default=argparse.SUPPRESS, help="who runs this, for the audit trail (default: $USER)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("forget", help="remove everything personal about a contact; statistics stay")
+    s.add_argument("--contact", required=True, metavar="ADDRESS|SLACK_USER_ID")
+    s.add_argument("--actor", default=argparse.SUPPRESS, help="who runs this, for the audit trail (default: $USER)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_forget)
     return p
 
 
@@ -246,7 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from triagebot import crypto, logs
+    logs.install()  # no e-mail address, phone number or SIM identifier reaches a log unredacted
     settings = Settings.load(toml_path=args.config)
+    try:
+        crypto.configure(settings.encryption_key)
+    except crypto.CryptoError as e:
+        print(f"triagebot: {e}", file=sys.stderr)
+        return 2
+    if args.command in AUDITED_COMMANDS:
+        _audit_command(args, settings)
     return args.func(args, settings)
 
 

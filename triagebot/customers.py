@@ -61,8 +61,8 @@ def _scalar_list(path: Path, node: yaml.Node, what: str) -> list[tuple[int, str]
     return out
 
 
-def _customer(path: Path, node: yaml.Node) -> Customer:
-    """One registry entry, checked field by field so an error names the field's line."""
+def _customer(path: Path, node: yaml.Node) -> tuple[Customer, dict[str, int]]:
+    """One registry entry, checked field by field so an error names the field's line; and where each key is."""
     if not isinstance(node, yaml.MappingNode):
         raise RuleError(path, _line(node), "a customer must be a mapping of fields")
     fields: dict[str, yaml.Node] = {}
@@ -85,11 +85,13 @@ def _customer(path: Path, node: yaml.Node) -> Customer:
     if "fleet_size" in fields:
         raw = fields["fleet_size"].value
         if not isinstance(raw, str) or not re.fullmatch(r"\d+", raw.replace("_", "")) or int(raw) < 1:
-            raise RuleError(path, _line(fields["fleet_size"]), f"fleet_size must be a positive whole number, got {raw!r}")
+            raise RuleError(path, _line(fields["fleet_size"]),
+                            f"fleet_size must be a positive whole number, got {raw!r}")
         fleet = int(raw.replace("_", ""))
     language = str(fields["language"].value) if "language" in fields else None
     if language is not None and language not in LANGUAGES:
         raise RuleError(path, _line(fields["language"]), f"language {language!r} is not one of {', '.join(LANGUAGES)}")
+    where = {f"name {name.lower()}": _line(fields["name"])}
     countries = []
     for ln, c in _scalar_list(path, fields["countries"], "countries") if "countries" in fields else []:
         if not _COUNTRY.match(c):
@@ -100,17 +102,20 @@ def _customer(path: Path, node: yaml.Node) -> Customer:
         if not _DOMAIN.match(d.lower()):
             raise RuleError(path, ln, f"domain {d!r} is not a domain name")
         domains.append(d.lower())
+        where[f"domain {d.lower()}"] = ln
     contacts = []
     for ln, c in _scalar_list(path, fields["contacts"], "contacts") if "contacts" in fields else []:
         if "@" in c and not _DOMAIN.match(c.rsplit("@", 1)[1].lower()):
             raise RuleError(path, ln, f"contact {c!r} is not an e-mail address or a Slack user id")
         contacts.append(c.lower() if "@" in c else c)
-    teams = [t for _, t in _scalar_list(path, fields["slack_teams"], "slack_teams")] if "slack_teams" in fields else []
-    chans = [c for _, c in _scalar_list(path, fields["slack_channels"], "slack_channels")] \
-        if "slack_channels" in fields else []
+        where[f"contact {contacts[-1]}"] = ln
+    teams = _scalar_list(path, fields["slack_teams"], "slack_teams") if "slack_teams" in fields else []
+    chans = _scalar_list(path, fields["slack_channels"], "slack_channels") if "slack_channels" in fields else []
+    where.update({f"slack team {t}": ln for ln, t in teams})
+    where.update({f"slack channel {c}": ln for ln, c in chans})
     return Customer(name=name, tier=tier, fleet_size=fleet, countries=tuple(countries), language=language,
-                    domains=tuple(domains), contacts=tuple(contacts), slack_teams=tuple(teams),
-                    slack_channels=tuple(chans))
+                    domains=tuple(domains), contacts=tuple(contacts), slack_teams=tuple(t for _, t in teams),
+                    slack_channels=tuple(c for _, c in chans)), where
 
 
 def load_customers(path: Path) -> tuple[Customer, ...]:
@@ -133,12 +138,10 @@ def load_customers(path: Path) -> tuple[Customer, ...]:
     out: list[Customer] = []
     owners: dict[str, str] = {}
     for node in seq[0].value:
-        c = _customer(path, node)
-        for key in (f"name {c.name.lower()}", *(f"domain {d}" for d in c.domains),
-                    *(f"contact {x}" for x in c.contacts), *(f"slack team {t}" for t in c.slack_teams),
-                    *(f"slack channel {x}" for x in c.slack_channels)):
+        c, where = _customer(path, node)
+        for key, line in where.items():
             if key in owners:
-                raise RuleError(path, _line(node), f"{key} already belongs to {owners[key]!r}")
+                raise RuleError(path, line, f"{key} already belongs to {owners[key]!r}")
             owners[key] = c.name
         out.append(c)
     return tuple(out)

@@ -56,6 +56,10 @@ class Settings:
     outage_window_minutes: int = 60
     outage_critical_customers: int = 5
     review_confidence: float = 0.5
+    # data protection: TRIAGEBOT_ENCRYPTION_KEY seals raw messages at rest (triagebot/crypto.py; "new,old" rotates);
+    # `triagebot purge` without --older-than removes personal data older than retention_days
+    encryption_key: str | None = field(default=None, repr=False)
+    retention_days: int = 90
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None, toml_path: str | Path | None = None) -> "Settings":

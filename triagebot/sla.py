@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import yaml
+
 from triagebot.model import CATEGORIES, LANGUAGES, SEVERITIES
 from triagebot.rules_loader import RuleError, load_yaml, load_yaml_items, rules_path
 
@@ -157,28 +159,37 @@ def _duration(path: Path, line: int, raw: object, what: str) -> tuple[float, flo
 
 
 def load_holidays(path: Path) -> dict[str, dict[date, str]]:
-    """The public holidays by country or region, validated."""
+    """The public holidays by country or region, validated.
+
+    Read from the YAML nodes as plain text, so an impossible date ("2026-06-31") is reported with its line
+    instead of failing inside the YAML date constructor.
+    """
     if not path.exists():
         raise RuleError(path, None, "rule file is missing")
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        raise RuleError(path, e.problem_mark.line + 1 if e.problem_mark else None, f"YAML error: {e.problem}") from None
+    seq = [v for k, v in root.value if k.value == "holidays"] if isinstance(root, yaml.MappingNode) else []
+    if not seq or not isinstance(seq[0], yaml.SequenceNode):
+        raise RuleError(path, 1, "expected a list under 'holidays'")
     out: dict[str, dict[date, str]] = {}
-    for it in load_yaml_items(path, "holidays"):
-        v = it.value
-        if not isinstance(v, dict):
-            raise RuleError(path, it.line, "a holiday is a mapping with country, date and name")
-        country, d, name = v.get("country"), v.get("date"), v.get("name")
+    for node in seq[0].value:
+        line = node.start_mark.line + 1
+        if not isinstance(node, yaml.MappingNode):
+            raise RuleError(path, line, "a holiday is a mapping with country, date and name")
+        v = {k.value: (x.value if isinstance(x, yaml.ScalarNode) else None) for k, x in node.value}
+        country, raw_date, name = v.get("country"), v.get("date"), v.get("name")
         if not isinstance(country, str) or not _COUNTRY.match(country):
-            raise RuleError(path, it.line, f"country {country!r} is not a code like SE, ES or ES-MD")
-        if isinstance(d, str):
-            try:
-                d = date.fromisoformat(d)
-            except ValueError:
-                raise RuleError(path, it.line, f"date {v.get('date')!r} is not YYYY-MM-DD") from None
-        if not isinstance(d, date) or isinstance(d, datetime):
-            raise RuleError(path, it.line, f"date {v.get('date')!r} is not YYYY-MM-DD")
+            raise RuleError(path, line, f"country {country!r} is not a code like SE, ES or ES-MD")
+        try:
+            d = date.fromisoformat(str(raw_date))
+        except ValueError:
+            raise RuleError(path, line, f"date {raw_date!r} is not a real date written YYYY-MM-DD") from None
         if not isinstance(name, str) or not name.strip():
-            raise RuleError(path, it.line, "a holiday needs a name")
+            raise RuleError(path, line, "a holiday needs a name")
         if d in out.setdefault(country, {}):
-            raise RuleError(path, it.line, f"{country} {d} is listed twice")
+            raise RuleError(path, line, f"{country} {d} is listed twice")
         out[country][d] = name
     return out
 

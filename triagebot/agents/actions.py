@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 LABELS = ("category", "service", "severity")
 ESCALATION = {"low": "medium", "medium": "high", "high": "critical", "critical": "critical"}
 _REFERENCE = re.compile(r"^\s*(?:case[-\s]*)?0*(\d{1,12})\s*$", re.IGNORECASE)
+_MSGID = re.compile(r"^<[^<>\s]{1,500}>$")
+_ADDRESS = re.compile(r"^[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]{1,64}@[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]{1,253}$")
 
 
 @dataclass(frozen=True)
@@ -158,17 +161,19 @@ def merge(sessions: sessionmaker[Session], case_id: int, target_ref: str, user: 
 
 
 def _reply_mail(settings: Settings, case: Case, last: MessageRow, to: str, text: str) -> EmailMessage:
-    m = EmailMessage()
+    """The suggested reply as a mail answering the customer's last message (header values on one line)."""
+    from triagebot.outbound.ack import one_line
+    m = EmailMessage(policy=SMTP)
     m["From"] = settings.support_address
     m["To"] = to
-    subject = case.subject or ""
-    m["Subject"] = f"Re: [{case.reference}] {subject}".strip()
+    m["Subject"] = one_line(f"Re: [{case.reference}] {case.subject or ''}", 250)
     m["Date"] = format_datetime(utcnow())
-    m["Message-ID"] = make_msgid(domain=settings.support_address.rsplit("@", 1)[-1])
-    if last.message_id and not last.message_id.startswith("slack:"):
+    m["Message-ID"] = make_msgid(idstring=f"reply.{(case.reference or '').lower()}",
+                                 domain=settings.support_address.rpartition("@")[2] or "triagebot.invalid")
+    if last.message_id and _MSGID.match(last.message_id):
         m["In-Reply-To"] = last.message_id
         m["References"] = last.message_id
-    m.set_content(text)
+    m.set_content(text, cte="quoted-printable")   # 7-bit safe through any relay
     return m
 
 
@@ -177,7 +182,8 @@ def send_reply(settings: Settings, sessions: sessionmaker[Session], client: "Web
     """Send the suggested reply: in the customer's Slack thread, or as mail through the outbox.
 
     Mail is queued in the outbox only when a relay is configured (TRIAGEBOT_RELAY_HOST; the outbound
-    sender delivers it); otherwise the reply is recorded on the case for the agent to send by hand.
+    sender, triagebot/outbound/relay.py, delivers it); otherwise the reply is recorded on the case for the
+    agent to send by hand.
     """
     actor = actor_of(user)
     with sessions() as s:
@@ -203,10 +209,13 @@ def send_reply(settings: Settings, sessions: sessionmaker[Session], client: "Web
     with sessions() as s, s.begin():
         case = s.get(Case, case_id)
         to = last.sender if last is not None else None
-        if settings.relay_host and to and "@" in to:
+        if settings.relay_host and to and _ADDRESS.match(to):
             mail = _reply_mail(settings, case, last, to, view.reply)
             s.add(Outbox(case_id=case_id, kind="reply", recipient=to, message_id=mail["Message-ID"],
-                         raw=bytes(mail), dedupe_key=f"reply:{case_id}:{mail['Message-ID']}"))
+                         raw=mail.as_bytes(), dedupe_key=f"reply:{case_id}:{mail['Message-ID']}",
+                         state="queued", attempts=0, not_before=utcnow(), created_at=utcnow()))
+            # the customer's answer to our reply threads into this case by its headers
+            s.add(ThreadKey(key=f"msgid:{mail['Message-ID'].strip().lower()}", case_id=case_id))
             s.add(CaseEvent(case_id=case_id, actor=actor, kind="reply_queued",
                             detail={"via": "email", "to": to, "message_id": mail["Message-ID"],
                                     "answer": view.reply_name, "text": view.reply}))

@@ -7,6 +7,7 @@ row in `processing`; once its lease (`stale_claim_seconds`) has run out, any wor
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -14,9 +15,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from triagebot import crypto
 from triagebot.db.tables import Intake, utcnow
 
 QUEUED, PROCESSING, DONE, FAILED = "queued", "processing", "done", "failed"
+# flags privacy.purge / privacy.forget set on a row whose raw bytes they removed
+REMOVED_FLAGS = ("purged", "forgotten")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,9 +44,10 @@ def enqueue(sessions: sessionmaker[Session], channel: str, raw: bytes, *, origin
             delivery_key: str | None = None, flags: list[str] | None = None) -> int | None:
     """Store one raw message durably and return its id; None when this delivery_key was stored before.
 
-    When this returns, the row is committed: only then may a listener say 250.
+    When this returns, the row is committed: only then may a listener say 250. The raw bytes are stored
+    sealed when TRIAGEBOT_ENCRYPTION_KEY is set (triagebot/crypto.py).
     """
-    row = Intake(channel=channel, raw=raw, content_hash=content_hash(raw), origin=origin,
+    row = Intake(channel=channel, raw=crypto.seal(raw), content_hash=content_hash(raw), origin=origin,
                  delivery_key=delivery_key, flags=flags or [], received_at=utcnow(), not_before=utcnow())
     with sessions() as s:
         s.add(row)
@@ -69,8 +75,31 @@ def claim(sessions: sessionmaker[Session], worker: str, limit: int = 1, lease_se
         out = []
         for r in rows:
             r.state, r.claimed_at, r.claimed_by, r.attempts = PROCESSING, now, worker, r.attempts + 1
-            out.append(Claimed(r.id, r.channel, r.raw, r.attempts, _aware(r.received_at), r.origin))
+            plain = _opened(r)
+            if plain is not None:
+                out.append(Claimed(r.id, r.channel, plain, r.attempts, _aware(r.received_at), r.origin))
         return out
+
+
+def _opened(r: Intake) -> bytes | None:
+    """The row's plaintext; or None after parking the row when it has none (wrong or missing key, purged).
+
+    Parking instead of raising keeps one unreadable row from failing every claim of its batch again and again.
+    """
+    removed = [f for f in (r.flags or []) if f in REMOVED_FLAGS]
+    if removed and not r.raw:
+        why, flag = f"raw message removed ({removed[0]})", None
+    else:
+        try:
+            return crypto.unseal(r.raw)
+        except crypto.CryptoError as e:
+            why, flag = f"encryption: {e}", "undecryptable"
+    r.state, r.finished_at, r.last_error = FAILED, utcnow(), why
+    r.claimed_at = r.claimed_by = None
+    if flag and flag not in (r.flags or []):
+        r.flags = list(r.flags or []) + [flag]
+    log.error("intake %s parked: %s", r.id, why)
+    return None
 
 
 def mark_done(s: Session, intake_id: int) -> None:
@@ -121,4 +150,9 @@ def claim_one(sessions: sessionmaker[Session], intake_id: int, worker: str) -> C
     with sessions() as s, s.begin():
         r = s.get(Intake, intake_id, with_for_update=True)
         r.state, r.claimed_at, r.claimed_by, r.attempts = PROCESSING, utcnow(), worker, r.attempts + 1
-        return Claimed(r.id, r.channel, r.raw, r.attempts, _aware(r.received_at), r.origin)
+        plain = _opened(r)
+        if plain is not None:
+            return Claimed(r.id, r.channel, plain, r.attempts, _aware(r.received_at), r.origin)
+        why = r.last_error
+    # raised only after the parking has committed
+    raise crypto.CryptoError(f"intake {intake_id}: {why}")

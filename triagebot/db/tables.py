@@ -176,3 +176,18 @@ class State(Base):
 
 __all__ = ["Base", "Intake", "Case", "MessageRow", "ThreadKey", "CaseEvent", "Feedback", "Outbox", "State",
            "UniqueConstraint", "utcnow"]
+
+
+class Audit(Base):
+    """The data-protection audit trail: every admin command and every agent's access, who and when."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))                   # "admin:alice", "slack:U123"
+    action: Mapped[str] = mapped_column(String(32))                   # purge, export, forget, status, view_case, ...
+    target: Mapped[str | None] = mapped_column(String(255))           # CASE-000123, a customer, contact:<hash>
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+__all__.append("Audit")

@@ -406,7 +406,8 @@ class _Text:
                 digits = re.sub(r"\D", "", m.group("num"))
                 before = text[m.start() - 2:m.start()] if m.start() >= 2 else " " + text[:m.start()]
                 # "v1", "GW-300", "CP-WF-01", "214-07": part of a name or code, not a number of things
-                glued = before[-1:].isalpha() or before[-1:] in ("_", "/") or (before[-1:] == "-" and before[:1].isalnum())
+                glued = (before[-1:].isalpha() or before[-1:] in ("_", "/")
+                         or (before[-1:] == "-" and before[:1].isalnum()))
                 if m.group("dec") or m.group("glue") or glued:
                     kinds.append(X)
                     values.append(None)
@@ -903,6 +904,8 @@ class _Reader:
 
     def phrase_evidence(self, i: int, end: int, what: str, kind: str,
                         neg: bool) -> tuple[str, str, bool, int] | None:
+        """Evidence from a quantity or fleet phrase at i..end, when it is attached to SIMs (what: the phrase
+        type, kind: its count kind, or for fleet phrases its form, possessive or determiner)."""
         t, r = self.t, self.r
         if what == "standalone":
             return kind, t.span(i, end), False, end
@@ -925,16 +928,16 @@ class _Reader:
             p += 1
         noun = self.find_noun(p, any_noun=poss)
         if noun is None:
-            if what == "quantity" and kind != "few_word" and self.loss_follows(p) or \
-                    what == "quantity" and kind == "few_word" and self.loss_follows(p) and p == end:
-                return kind, t.span(i, p), False, p      # "unos cuantos sin datos", "hundreds affected"
+            # "unos cuantos sin datos", "hundreds affected"; a few-word needs the loss right after it
+            if what == "quantity" and self.loss_follows(p) and (kind != "few_word" or p == end):
+                return kind, t.span(i, p), False, p
             return None
-        if what == "fleet" and self.word(p) in r.other or r.other.at(t.texts, p) if p < t.n else False:
+        if what == "fleet" and p < t.n and r.other.at(t.texts, p):
             return None                                 # "all other buses fine"
         if what == "fleet" and not neg and self.category != "service_request" and not self.near_loss(i):
             return None                                 # "can you check the bearer on all SIMs?" says nothing failed
         if not neg and self.fine_from(noun + 1, noun):
-            return None                                 # "all devices are reporting normally", "de flesta larmen fungerar"
+            return None                                 # "all devices are reporting normally", "de flesta ... fungerar"
         for x in range(i, noun + 1):
             self.used.add(x)
         return ("fleet" if what == "fleet" else kind), t.span(i, noun + 1), neg and what == "fleet", noun + 1
@@ -993,7 +996,7 @@ def _choose(t: _Text, mentions: list[_Mention], words: list[tuple[str, str, bool
             wkind = best_word[0]
             if wkind == "fleet" and m.value < 2:
                 return word()
-            if wkind in ("mass_word", "many_word") and _WORD_RANK[wkind] and \
+            if wkind in ("mass_word", "many_word") and \
                     TIER_RANK[_KIND_TIER[wkind]] > TIER_RANK[tier_for_count(m.value)]:
                 return word()
         return number(m)

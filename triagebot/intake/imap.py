@@ -215,8 +215,8 @@ class MailboxPoller:
             self.mode = "poll"
             self.stop.wait(self.poll_seconds)
             return
-        self.mode = "idle"
         client.idle()
+        self.mode = "idle"
         try:
             end = time.monotonic() + min(self.poll_seconds, IDLE_RESTART)
             while not self.stop.is_set() and time.monotonic() < end:

@@ -103,7 +103,9 @@ class Model:
         self.char_weight = np.float32(math.log(1.0 - lam))
         self.neutral = frozenset(self.meta["neutral_words"])
         self.base_prior = np.where(self.in_scope, 0.0, float(self.meta["prior_other"]))
+        self._other = ~self.in_scope
         self._cache: dict[str, np.ndarray] = {}
+        self._priors: dict[tuple[str | None, str | None], np.ndarray] = {}
 
     @classmethod
     def load(cls, path: Path = MODEL_PATH) -> "Model":
@@ -178,31 +180,38 @@ class Model:
 
     def prior(self, hint: str | None = None, locale: str | None = None) -> np.ndarray:
         """Log-prior per language: rejected languages start lower; hint and locale add to it."""
-        p = self.base_prior.copy()
-        h = _lang_code(hint)
-        if h == "other":
-            p[~self.in_scope] += self.meta["hint_boost"]
-        elif h in self.langs:
-            p[self.langs.index(h)] += self.meta["hint_boost"]
-        loc = _lang_code(locale)
-        if loc in self.langs:
-            p[self.langs.index(loc)] += self.meta["locale_boost_en" if loc == "en" else "locale_boost"]
+        key = (hint, locale)
+        p = self._priors.get(key)
+        if p is None:
+            p = self.base_prior.copy()
+            h = _lang_code(hint)
+            if h == "other":
+                p[~self.in_scope] += self.meta["hint_boost"]
+            elif h in self.langs:
+                p[self.langs.index(h)] += self.meta["hint_boost"]
+            loc = _lang_code(locale)
+            if loc in self.langs:
+                p[self.langs.index(loc)] += self.meta["locale_boost_en" if loc == "en" else "locale_boost"]
+            if len(self._priors) < 1000:
+                self._priors[key] = p
         return p
 
     def _evidence(self, text: str) -> list[str]:
+        """The words that count: technical words and acronyms only if there is nothing else."""
         words = _words(text)
         keep = [w for w, acro in words if not acro and w not in self.neutral]
-        if not keep:  # nothing but technical words: judge those rather than nothing
+        if not keep:
             keep = [w for w, _ in words]
         return [w for w in keep if len(w) <= MAX_WORD_LEN][:MAX_WORDS]
 
     def log_scores(self, text: str, hint: str | None = None, locale: str | None = None) -> tuple[np.ndarray, int]:
         """Unnormalized log-posterior per model language, and the number of words used."""
         words = self._evidence(text)
-        total = self.prior(hint, locale)
-        if words:
-            total = total + self.word_lp(words).sum(axis=0, dtype=np.float64)
-        return total, len(words)
+        prior = self.prior(hint, locale)
+        if not words:
+            return prior, 0
+        lp = self.word_lp(words)
+        return (lp[0] if len(words) == 1 else lp.sum(axis=0)) + prior, len(words)
 
     def posteriors(self, text: str, hint: str | None = None, locale: str | None = None) -> dict[str, float]:
         """Posterior probability of each model language (sums to 1)."""
@@ -214,16 +223,15 @@ class Model:
     def detect(self, text: str, hint: str | None = None, locale: str | None = None) -> tuple[str, float]:
         """(en|sv|es|other, confidence in [0, 1]) for a text."""
         lp, n = self.log_scores(text, hint, locale)
-        if n and self._mostly_foreign_script(text):
-            return "other", 0.9
-        p = np.exp(lp - lp.max())
-        p /= p.sum()
-        best = int(np.argmax(lp))
         if n == 0 and not (hint or locale):
             return "other", 0.0  # no letters and nothing known about the sender
-        if not self.in_scope[best]:
-            return "other", round(float(p[~self.in_scope].sum()), 3)
-        return self.langs[best], round(float(p[best]), 3)
+        if n and not text.isascii() and self._mostly_foreign_script(text):
+            return "other", 0.9  # Cyrillic, Greek, CJK, Arabic, ...: none of ours
+        best = int(lp.argmax())
+        p = np.exp(lp - lp[best])
+        if self.in_scope[best]:
+            return self.langs[best], round(float(1.0 / p.sum()), 3)
+        return "other", round(float(p[self._other].sum() / p.sum()), 3)
 
     def _mostly_foreign_script(self, text: str) -> bool:
         """True when most letters are outside the alphabets of all modelled languages."""

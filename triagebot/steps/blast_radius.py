@@ -76,7 +76,8 @@ def decide(ids: Identifiers, count: CountEvidence, fleet_size: int | None, categ
         return result(None, "none", f"a {service} matter: no SIM named as affected")
     if kind == "fleet":
         if fleet_size:
-            return result(fleet_size, tier_for_count(fleet_size), f"the whole fleet: fleet size {fleet_size} from the registry")
+            return result(fleet_size, tier_for_count(fleet_size),
+                          f"the whole fleet: fleet size {fleet_size} from the registry")
         return result(None, "fleet", "the whole fleet, size unknown")
     if kind == "number" and count.count:
         est = max(count.count, n_ids)

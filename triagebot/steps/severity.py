@@ -164,7 +164,8 @@ def _condition(path: Path, line: int, raw: Any, phrase_lists: set[str]) -> Condi
         raise RuleError(path, line, "'when' must be a mapping of conditions")
     unknown = set(raw) - _CONDITIONS
     if unknown:
-        raise RuleError(path, line, f"unknown condition {sorted(unknown)[0]!r} (known: {', '.join(sorted(_CONDITIONS))})")
+        raise RuleError(path, line,
+                        f"unknown condition {sorted(unknown)[0]!r} (known: {', '.join(sorted(_CONDITIONS))})")
 
     def names(key: str, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
         if key not in raw:
@@ -231,7 +232,8 @@ def _load(path: Path) -> SeverityPolicy:
             raise RuleError(path, it.line, "a rule must be a mapping")
         unknown = set(v) - _RULE_FIELDS
         if unknown:
-            raise RuleError(path, it.line, f"unknown field {sorted(unknown)[0]!r} (known: {', '.join(sorted(_RULE_FIELDS))})")
+            raise RuleError(path, it.line,
+                            f"unknown field {sorted(unknown)[0]!r} (known: {', '.join(sorted(_RULE_FIELDS))})")
         name = v.get("name")
         if not isinstance(name, str) or not name:
             raise RuleError(path, it.line, "a rule needs a 'name'")

@@ -37,6 +37,8 @@ TRUSTED_TYPES: frozenset[str] = frozenset({
 STRICT_LIBRARIES = ("scikit-learn", "skops")
 RECORDED_LIBRARIES = ("scikit-learn", "skops", "numpy", "scipy", "spacy", "spacy-lookups-data")
 DEFAULT_CHECK_SECONDS = 2.0
+FILE_MODE = 0o644
+DIR_MODE = 0o755
 
 
 class ModelError(RuntimeError):
@@ -71,6 +73,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     # readers (running workers) must never see a half-written file: write beside, then rename over
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; the registry must be readable by the worker's user too
+        os.chmod(tmp, FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, ensure_ascii=False, sort_keys=False)
             fh.write("\n")
@@ -155,14 +159,16 @@ class Registry:
     def _locked(self) -> Iterator[dict[str, Any]]:
         """Read-modify-write of registry.json under an exclusive lock (two CLI runs at once stay consistent)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".registry.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                data = self.read()
-                yield data
-                _write_json_atomic(self.path, data)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        # the lock is taken on the folder itself, so no lock file lands in models/
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = self.read()
+            yield data
+            _write_json_atomic(self.path, data)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def save(self, model: Any, card: Mapping[str, Any], version: str | None = None) -> str:
         """Write a model and its card as a new version (not promoted); returns the version."""
@@ -176,6 +182,7 @@ class Registry:
             raise ModelError(f"{final}: version exists already")
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".{version}."))
+        os.chmod(tmp, DIR_MODE)
         try:
             sio.dump(model, tmp / MODEL_FILE)
             untrusted = sorted(sio.get_untrusted_types(file=tmp / MODEL_FILE))
