@@ -213,7 +213,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=5000, help="messages per smtp-source run")
     ap.add_argument("--sessions", type=int, default=8, help="concurrent SMTP sessions (smtp-source -s)")
-    ap.add_argument("--rounds", type=int, default=3, help="sink/listener pairs; medians are reported")
+    ap.add_argument("--rounds", type=int, default=5, help="sink/listener pairs; medians are reported")
     ap.add_argument("--kill-messages", type=int, default=3000, help="messages in the kill test (0: skip it)")
     args = ap.parse_args()
 
@@ -227,11 +227,14 @@ def main() -> int:
             print(f"round {r + 1}: smtp-sink {sink_rates[-1]:8.0f} msg/s   triagebot smtp {listener_rates[-1]:6.0f} msg/s"
                   f"   ratio {listener_rates[-1] / sink_rates[-1]:6.1%}", flush=True)
         sink, ours = statistics.median(sink_rates), statistics.median(listener_rates)
-        ratio = ours / sink
+        # each round's ratio compares two runs a few seconds apart, so it is the figure least moved by
+        # whatever else the machine is doing; its median is the result
+        ratio = statistics.median(o / k for o, k in zip(listener_rates, sink_rates))
         print(f"smtp-source -s {args.sessions} -m {args.messages}, {args.rounds} rounds, medians:")
         print(f"  smtp-sink (stores nothing)         {sink:8.0f} msg/s")
         print(f"  triagebot smtp (SQLite, durable)   {ours:8.0f} msg/s")
-        print(f"  ratio                              {ratio:8.1%}   (target >= 15%: {'met' if ratio >= 0.15 else 'NOT met'})")
+        print(f"  ratio (median of the rounds)       {ratio:8.1%}   "
+              f"(target >= 15%: {'met' if ratio >= 0.15 else 'NOT met'})")
         ok = ratio >= 0.15
         if args.kill_messages:
             folder = Path(tmp) / "kill"

@@ -88,6 +88,7 @@ BROKEN = [
     ("severity_policy.yaml", "{tier: vip, raise: 1,", "{tier: gold, raise: 1,", "tier 'gold'"),
     ("severity_policy.yaml", "{list: degraded, lang: en, pattern: '\\b(?:slow", "{list: degraded, lang: en, pattern: '\\b((?:slow", "bad regex"),
     ("severity_policy.yaml", "when: {incident: true, tier: [many]}", "when: {incident: yes please, tier: [many]}", "incident"),
+    ("severity_policy.yaml", "pattern: '\\bnetflix\\b|\\byoutube", "pattern: '\\bNetflix\\b|\\byoutube", "lower case"),
     ("severity_policy.yaml", "when: {incident: true, tier: [many]}", "when: {incident: true, tier: [lots]}", "tier 'lots'"),
     ("sla.yaml", "{category: incident, critical: 4h, high: 1d, medium: 3d, low: 5d}",
      "{category: incident, critical: 4h, high: 1d, medium: 3d, low: 10d}", "baseline"),

@@ -142,3 +142,112 @@ def test_sigkill_under_load_loses_no_acknowledged_message_and_stores_none_twice(
     assert "after-restart@kill.test" in stored
     # the only rows beyond the acknowledged ones are those committed as the kill cut off their 250
     assert len(set(stored) - acked - {"after-restart@kill.test"}) <= CLIENTS
+
+
+def test_the_listener_protocol_finds_the_same_commands_and_hooks_as_plain_aiosmtpd():
+    """The listener lists its hook names once per class (a speed-up); aiosmtpd must still find them all."""
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP
+
+    from triagebot.intake.smtp import IntakeHandler, LimitedSMTP
+
+    class PlainHandler:   # the same hooks, without the cached __dir__
+        handle_RCPT = IntakeHandler.handle_RCPT
+        handle_DATA = IntakeHandler.handle_DATA
+
+    loop = asyncio.new_event_loop()
+    try:
+        ours = LimitedSMTP(IntakeHandler(None, ("support.example.net",)), loop=loop, hostname="t")
+        plain = SMTP(PlainHandler(), loop=loop, hostname="t")
+    finally:
+        loop.close()
+    assert set(ours._smtp_methods) == set(plain._smtp_methods) and "DATA" in ours._smtp_methods
+    assert set(ours._auth_methods) == set(plain._auth_methods) == {"LOGIN", "PLAIN"}
+    assert set(ours._handle_hooks) == {"RCPT", "DATA"}
+    assert ours._smtp_methods["MAIL"].__func__ is LimitedSMTP.smtp_MAIL   # our override, not the base one
+
+
+def _read(fn, arg):
+    try:
+        return fn(arg)
+    except Exception as e:  # noqa: BLE001 - both readers must fail alike too
+        return type(e).__name__
+
+
+def test_the_fast_address_reader_agrees_with_aiosmtpd():
+    """The listener reads everyday MAIL/RCPT paths with a regular expression; it must agree with aiosmtpd."""
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP
+    from hypothesis import given, settings, strategies as st
+
+    from triagebot.intake.smtp import SIMPLE_PATH, IntakeHandler, LimitedSMTP
+
+    loop = asyncio.new_event_loop()
+    proto = LimitedSMTP(IntakeHandler(None, ("support.example.net",)), loop=loop, hostname="t")
+    loop.close()
+    chars = st.sampled_from(list("aZ09.-+_=!#%'`{}~/?^&*$|@<>()\"[]:;, \t\\é") + ["SIZE=10", "BODY=8BITMIME"])
+    noise = st.lists(chars, max_size=24).map("".join)
+    word = st.text(alphabet="aZ09.-+_=!#/'é\"()[] ", min_size=0, max_size=12)
+    shaped = st.builds(lambda lead, local, domain, rest: f"{lead}<{local}@{domain}>{rest}",
+                       st.sampled_from(["", " ", "\t", "  "]), word, word,
+                       st.sampled_from(["", " SIZE=100", "  BODY=8BITMIME SMTPUTF8", " (c)", " ", "SIZE=1",
+                                        " SIZE=1 ", "\tX=y"]))
+    seen_fast = []
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.one_of(noise, shaped))
+    def agree(arg):
+        if SIMPLE_PATH.fullmatch(arg):
+            seen_fast.append(arg)
+        assert _read(proto._getaddr, arg) == _read(lambda a: SMTP._getaddr(proto, a), arg)
+
+    agree()
+    assert seen_fast, "the examples never reached the fast path"
+    for arg in ("<ana@customer.example>", " <a.b+c@x.example> SIZE=100 BODY=8BITMIME", "<>", '<"a b"@x.example>',
+                "<@relay.example:ana@customer.example>", "<ana@[127.0.0.1]>", "<ana@customer.example> (note)"):
+        assert _read(proto._getaddr, arg) == _read(lambda a: SMTP._getaddr(proto, a), arg)
+
+
+def test_a_client_vanishing_while_its_message_commits_does_not_stop_the_listener(tmp_path, monkeypatch):
+    """A sender that hangs up before its 250 cancels the wait for the commit; the writer must live on."""
+    from triagebot.intake import smtp as listener_module
+    from triagebot.settings import Settings
+
+    slow = threading.Event()
+    real_insert = listener_module.GroupCommitWriter._insert
+
+    def insert(self, batch):
+        if slow.is_set():
+            time.sleep(0.5)   # the commit takes a while: long enough for the client to be gone
+        return real_insert(self, batch)
+
+    monkeypatch.setattr(listener_module.GroupCommitWriter, "_insert", insert)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", smtp_port=free_port(),
+                        mail_domains=("support.example.net",))
+    controller, writer = listener_module.build_controller(settings)
+    controller.start()
+    try:
+        slow.set()
+        with socket.create_connection(("127.0.0.1", settings.smtp_port), timeout=10) as s:
+            f = s.makefile("rwb")
+            f.readline()
+            for line in (b"HELO t", b"MAIL FROM:<a@customer.example>", b"RCPT TO:<support@support.example.net>",
+                         b"DATA"):
+                f.write(line + b"\r\n")
+                f.flush()
+                f.readline()
+            f.write(message("gone@kill.test") + b".\r\n")
+            f.flush()
+            s.shutdown(socket.SHUT_RDWR)   # hang up without waiting for the answer
+        time.sleep(0.1)
+        slow.clear()
+        with smtplib.SMTP("127.0.0.1", settings.smtp_port, timeout=10) as c:
+            c.sendmail(SENDER, [RECIPIENT], message("next@kill.test"))
+    finally:
+        controller.stop()
+        writer.shutdown()
+    with sqlite3.connect(tmp_path / "db.sqlite") as c:
+        ids = [MSGID.search(r[0]).group(1).decode() for r in c.execute("SELECT raw FROM intake")]
+    assert "next@kill.test" in ids

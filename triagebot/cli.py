@@ -180,7 +180,11 @@ def cmd_imap(args: argparse.Namespace, settings: Settings) -> int:
     """Run the IMAP poller (or one pass with --once)."""
     from triagebot.intake import imap
     if args.once:
-        print(f"stored {imap.poll_once(settings, processed_folder=args.move_to)}", flush=True)
+        try:
+            print(f"stored {imap.poll_once(settings, processed_folder=args.move_to)}", flush=True)
+        except ValueError as e:
+            print(f"triagebot imap: {e}", file=sys.stderr)
+            return 2
         return 0
     imap.serve(settings, processed_folder=args.move_to)
     return 0
@@ -190,6 +194,9 @@ def cmd_sender(args: argparse.Namespace, settings: Settings) -> int:
     """Send queued outgoing mail through the relay (or one pass with --once)."""
     from triagebot.outbound import relay
     if args.once:
+        if not settings.relay_host:
+            print("triagebot sender: no relay configured (TRIAGEBOT_RELAY_HOST)", file=sys.stderr)
+            return 2
         r = relay.send_once(settings)
         print(f"sent {len(r.sent)} retry {len(r.retry)} failed {len(r.failed)}", flush=True)
         return 0

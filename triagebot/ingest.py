@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -175,7 +175,8 @@ class Processor:
                     status="open", subject=thr.clean_subject(m.subject) or _first_line(m.text),
                     language=t.language, category=t.category, service=t.service, severity=t.severity,
                     blast_estimate=t.blast_radius.estimate, blast_tier=t.blast_radius.tier,
-                    identifiers=t.blast_radius.identifiers.as_dict(), sla_due=sla_due(t, now),
+                    identifiers=t.blast_radius.identifiers.as_dict(),
+                    sla_due=sla_due(t, now, self.settings.rules_dir),
                     slack_channel=m.channel, slack_thread_ts=m.thread_ts or m.ts, created_at=now, updated_at=now)
         s.add(case)
         s.flush()
@@ -189,6 +190,16 @@ class Processor:
 
     def _thread(self, s: Session, case: Case, m: Message, t: Triage, d: thr.Decision) -> None:
         changes = {}
+        contacts = 1 + (s.scalar(select(func.count()).select_from(MessageRow)
+                                 .where(MessageRow.case_id == case.id, MessageRow.action != "ignored")) or 0)
+        if case.severity and case.status not in ("resolved", "closed"):
+            from triagebot.steps.severity import SeverityPolicy
+            raised, why = SeverityPolicy.load(self.settings.rules_dir).raise_for_repeats(case.severity, contacts)
+            if why:
+                changes["severity"] = (case.severity, raised)
+                s.add(CaseEvent(case_id=case.id, actor="bot", kind="severity_raised",
+                                detail={"from": case.severity, "to": raised, "why": why}))
+                case.severity = raised
         if t.severity and SEVERITY_RANK.get(t.severity, -1) > SEVERITY_RANK.get(case.severity or "", -1):
             changes["severity"] = (case.severity, t.severity)
             case.severity = t.severity
@@ -233,7 +244,7 @@ def _first_line(text: str) -> str:
     return ""
 
 
-def sla_due(t: Triage, start: datetime) -> datetime | None:
+def sla_due(t: Triage, start: datetime, rules_dir=None) -> datetime | None:
     """The SLA due time for the case's category and severity, from the business calendar in rules/."""
     if not t.category or not t.severity:
         return None
@@ -241,4 +252,4 @@ def sla_due(t: Triage, start: datetime) -> datetime | None:
         from triagebot.sla import due
     except ImportError:  # pragma: no cover - the SLA module is part of the package
         return None
-    return due(t.category, t.severity, start)
+    return due(t.category, t.severity, start, language=t.language, rules_dir=rules_dir)

@@ -415,6 +415,10 @@ def forget(sessions: sessionmaker[Session], contact: str, actor: str) -> dict[st
         intake_ids = {m.intake_id for m in mine if m.intake_id is not None}
         case_ids = {m.case_id for m in mine if m.case_id is not None}
         pattern = _pattern([addr, *names])
+        # their own lines, as others quote them ("> ..."): whole lines only, short ones say too little to matter
+        lines = {ln.strip() for m in mine for t in (m.text, m.edited_text) for ln in (t or "").splitlines()
+                 if len(ln.strip()) >= 12}
+        quoted = re.compile("|".join(map(re.escape, sorted(lines, key=len, reverse=True)))) if lines else None
         event_pattern = _pattern([addr, *names, *message_ids])
         first_of_case = {cid: s.scalar(select(func.min(MessageRow.id)).where(MessageRow.case_id == cid))
                          for cid in case_ids}
@@ -426,7 +430,8 @@ def forget(sessions: sessionmaker[Session], contact: str, actor: str) -> dict[st
         if case_ids:
             for m in s.scalars(select(MessageRow).where(MessageRow.case_id.in_(sorted(case_ids)),
                                                         MessageRow.id.not_in(sorted(mine_ids)))):
-                new = {f: _replace(getattr(m, f), pattern) for f in ("text", "quoted", "subject", "edited_text")}
+                new = {f: _replace(_replace(getattr(m, f), quoted) if quoted else getattr(m, f), pattern)
+                       for f in ("text", "quoted", "subject", "edited_text")}
                 if any(getattr(m, f) != v for f, v in new.items()):
                     for f, v in new.items():
                         setattr(m, f, v)

@@ -32,12 +32,14 @@ def _corrections(sessions: sessionmaker[Session]) -> tuple[dict[int, dict[str, F
     return newest, messages
 
 
-def feedback_examples(sessions: sessionmaker[Session]) -> list[dict[str, Any]]:
+def feedback_examples(sessions: sessionmaker[Session], partial: bool = False) -> list[dict[str, Any]]:
     """One training example per corrected message (training/SCHEMA.md), in message order.
 
     Per message and label the newest correction wins; labels no agent touched are the message's stored
     ones; tier and estimate are the stored blast radius. `body` is the message's normalized new text
-    (what the agent saw), so `normalized` is true. A message whose labels are still incomplete is skipped.
+    (what the agent saw), so `normalized` is true. A message whose labels are incomplete (no model was
+    promoted when it came in, and agents set only some labels) is skipped, unless `partial`: then its
+    example carries only the labels known (train.dataset's LabelledExample allows that; SCHEMA.md does not).
     """
     newest, messages = _corrections(sessions)
     out = []
@@ -47,9 +49,11 @@ def feedback_examples(sessions: sessionmaker[Session]) -> list[dict[str, Any]]:
         latest = max(fields.values(), key=lambda f: (f.created_at, f.id))
         labels = {name: (fields[name].new_value if name in fields else getattr(msg, name, None))
                   for name in LABEL_VALUES}
-        if any(labels[name] not in LABEL_VALUES[name] for name in LABEL_VALUES):
-            log.info("feedback for message %s skipped: labels incomplete %s", mid, labels)
+        unknown = [name for name in LABEL_VALUES if labels[name] not in LABEL_VALUES[name]]
+        if unknown and not partial:
+            log.info("feedback for message %s skipped: no %s known", mid, ", ".join(unknown))
             continue
+        labels = {k: v for k, v in labels.items() if k not in unknown}
         tier = msg.blast_tier if msg is not None and msg.blast_tier in TIERS else None
         estimate = msg.blast_estimate if msg is not None else None
         language = latest.language or (msg.language if msg is not None else None)

@@ -10,8 +10,12 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
+
+import yaml
+
 from triagebot.model import TIERS
-from triagebot.rules_loader import Item, RuleError, load_yaml, load_yaml_items, rules_path
+from triagebot.rules_loader import Item, RuleError, rules_path
 
 RULES_FILE = "counts.yaml"
 KINDS = ("number", "fleet", "plural", "mass_word", "many_word", "few_word", "single", "none")
@@ -88,11 +92,9 @@ class _Phrases:
         if phrase in self.values:
             return
         self.values[phrase] = value
-        self.by_first.setdefault(phrase[0], []).append(phrase)
-        self.by_last.setdefault(phrase[-1], []).append(phrase)
-        for d in (self.by_first, self.by_last):
-            for lst in d.values():
-                lst.sort(key=len, reverse=True)
+        for lst in (self.by_first.setdefault(phrase[0], []), self.by_last.setdefault(phrase[-1], [])):
+            lst.append(phrase)
+            lst.sort(key=len, reverse=True)     # longest first, so the longest phrase wins
 
     def at(self, texts: list[str], i: int) -> tuple[int, object] | None:
         """(end index, value) of the longest phrase starting at token i."""
@@ -229,8 +231,33 @@ def _words(item: Item, path: Path, key: str = "words") -> list[str]:
     return v
 
 
-def _items(path: Path, key: str, languages: tuple[str, ...]) -> list[Item]:
-    items = load_yaml_items(path, key)
+# libyaml when present: this file is read once per process, but the pure-Python parser takes ~0.2 s per pass
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _sections(path: Path) -> dict[str, list[Item]]:
+    """Each top-level list of a YAML file as Items with their line numbers, parsed once."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+    except yaml.MarkedYAMLError as e:
+        raise RuleError(path, e.problem_mark.line + 1 if e.problem_mark else None, f"YAML error: {e.problem}") from None
+    except ValueError as e:                       # e.g. an impossible date in a value
+        raise RuleError(path, None, f"YAML error: {e}") from None
+    if not isinstance(root, yaml.MappingNode) or not isinstance(data, dict):
+        raise RuleError(path, 1, "expected a mapping of word lists")
+    out: dict[str, list[Item]] = {}
+    for k, v in root.value:
+        if isinstance(v, yaml.SequenceNode):
+            out[k.value] = [Item(child.start_mark.line + 1, value) for child, value in zip(v.value, data[k.value])]
+    return out
+
+
+def _items(sections: dict[str, list[Item]], path: Path, key: str, languages: tuple[str, ...]) -> list[Item]:
+    items = sections.get(key)
+    if items is None:
+        raise RuleError(path, 1, f"missing key {key!r}")
     for it in items:
         if not isinstance(it.value, dict):
             raise RuleError(path, it.line, f"{key}: expected a mapping with 'lang'")
@@ -243,20 +270,18 @@ def _items(path: Path, key: str, languages: tuple[str, ...]) -> list[Item]:
 def _load(path: Path) -> dict[str, LangRules]:
     if not path.exists():
         raise RuleError(path, None, "rule file is missing")
-    root = load_yaml(path)
-    if not isinstance(root, dict):
-        raise RuleError(path, 1, "expected a mapping of word lists")
-    languages = tuple(root.get("languages") or ())
+    sections = _sections(path)
+    languages = tuple(it.value for it in sections.get("languages", []))
     if not languages or not all(isinstance(x, str) for x in languages):
         raise RuleError(path, 1, "missing key 'languages' (a list of language codes)")
     rules = {lang: LangRules(compound=(lang == "sv")) for lang in languages}
 
-    def simple(key: str, apply) -> None:
-        for it in _items(path, key, languages):
+    def simple(key: str, apply: Callable[[LangRules, tuple[str, ...], Item], object]) -> None:
+        for it in _items(sections, path, key, languages):
             for w in _words(it, path):
                 apply(rules[it.value["lang"]], _phrase(w), it)
 
-    for it in _items(path, "number_words", languages):
+    for it in _items(sections, path, "number_words", languages):
         words = it.value.get("words")
         if not isinstance(words, dict) or not words:
             raise RuleError(path, it.line, "number_words: 'words' must map each word to its value")
@@ -269,20 +294,20 @@ def _load(path: Path) -> dict[str, LangRules]:
                 r.numbers[ph[0]] = v
             else:
                 r.number_phrases.add(ph, v)
-    for it in _items(path, "multipliers", languages):
+    for it in _items(sections, path, "multipliers", languages):
         words = it.value.get("words")
         if not isinstance(words, dict) or not all(isinstance(v, int) and v in (100, 1000, 1000000)
                                                   for v in words.values()):
             raise RuleError(path, it.line, "multipliers: each word maps to 100, 1000 or 1000000")
         rules[it.value["lang"]].multipliers.update({fold(str(k)): v for k, v in words.items()})
     simple("number_joiners", lambda r, ph, it: r.joiners.add(ph[0]))
-    for it in _items(path, "quantities", languages):
+    for it in _items(sections, path, "quantities", languages):
         kind = it.value.get("kind")
         if kind not in WORD_KINDS:
             raise RuleError(path, it.line, f"quantities: kind={kind!r} is not one of {', '.join(WORD_KINDS)}")
         for w in _words(it, path):
             rules[it.value["lang"]].phrases.add(_phrase(w), ("quantity", kind, False))
-    for it in _items(path, "fleet", languages):
+    for it in _items(sections, path, "fleet", languages):
         form = it.value.get("form")
         if form not in ("possessive", "determiner"):
             raise RuleError(path, it.line, f"fleet: form={form!r} is not one of possessive, determiner")
@@ -301,7 +326,7 @@ def _load(path: Path) -> dict[str, LangRules]:
     simple("time_words", lambda r, ph, it: r.time_words.add(ph))
     simple("loose_approximators", lambda r, ph, it: r.loose_approximators.add(ph))
     simple("ratio_words", lambda r, ph, it: r.ratio_words.add(ph))
-    for it in _items(path, "nouns", languages):
+    for it in _items(sections, path, "nouns", languages):
         forms = it.value.get("forms")
         if not isinstance(forms, str) or forms.count("|") != 1:
             raise RuleError(path, it.line, "nouns: 'forms' must be \"singular forms | plural forms\"")
@@ -313,7 +338,7 @@ def _load(path: Path) -> dict[str, LangRules]:
                 if not w:
                     raise RuleError(path, it.line, "nouns: an empty form between commas")
                 target.add(w)
-    for it in _items(path, "not_nouns", languages):
+    for it in _items(sections, path, "not_nouns", languages):
         r = rules[it.value["lang"]]
         for w in _words(it, path):
             ph = _phrase(w)
@@ -325,7 +350,7 @@ def _load(path: Path) -> dict[str, LangRules]:
                 raise RuleError(path, it.line, f"not_nouns: {w!r} has more than two words")
     simple("counters", lambda r, ph, it: r.counters.add(ph[0]))
     simple("people_nouns", lambda r, ph, it: r.people.add(ph[0]))
-    for it in _items(path, "partitives", languages):
+    for it in _items(sections, path, "partitives", languages):
         r = rules[it.value["lang"]]
         for w in _words(it, path, "of"):
             r.of.add(_phrase(w))

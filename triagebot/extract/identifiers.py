@@ -196,11 +196,11 @@ def _emit_run(groups: list[str], plus: bool, label: str | None, language: str, m
             hit = _classify(digits, False, label, language, j - i == 1, rules)
             if hit is None or (hit[0] == "msisdn" and not msisdn_ok):
                 continue
-            if hit[0] == "iccid" and not luhn_ok(digits) and best is None:
-                best = (j, hit)     # keep looking for a Luhn-valid reading of the same groups
-                continue
+            if best is not None and not (hit[0] == "iccid" and luhn_ok(digits)):
+                continue            # after a check-digit-less ICCID only a Luhn-valid ICCID reading is better
             best = (j, hit)
-            break
+            if hit[0] != "iccid" or luhn_ok(digits):
+                break               # else keep looking for a Luhn-valid reading of the same groups
         if best:
             sink.add(*best[1])
             i = best[0]

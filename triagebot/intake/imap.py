@@ -122,7 +122,7 @@ class MailboxPoller:
     def check_folders(self, client: IMAPClient) -> bool:
         """False (and an error in the log) when this mailbox is a Sent folder, which we never read back in."""
         for flags, _delim, name in client.list_folders():
-            if name == self.mailbox and is_sent_folder(name, tuple(flags)):
+            if name.casefold() == self.mailbox.casefold() and is_sent_folder(name, tuple(flags)):
                 log.error("IMAP mailbox %s is a Sent folder; it is not polled (our own mail must not come back in)",
                           self.mailbox)
                 self.skipped_sent = True
@@ -306,12 +306,19 @@ def poll_once(settings: Settings, processed_folder: str | None = None) -> int:
 
 
 def serve(settings: Settings, processed_folder: str | None = None) -> None:
-    """Run a poller thread per mailbox until SIGTERM/SIGINT."""
+    """Run a poller thread per mailbox until SIGTERM/SIGINT; idle when IMAP is not configured."""
     import signal
     stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        account_from(settings)
+    except ValueError as e:
+        # a Procfile process that exits stops its siblings under foreman/honcho: wait quietly instead
+        log.warning("%s; the IMAP poller has nothing to do", e)
+        _wait(stop)
+        return
     threads = [threading.Thread(target=p.run, name=f"imap-{p.mailbox}", daemon=True)
                for p in pollers(settings, stop, processed_folder)]
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     log.warning("IMAP poller for %s@%s:%s, mailboxes %s", settings.imap_user, settings.imap_host,
                 settings.imap_port, ", ".join(settings.imap_mailboxes))
     for t in threads:
@@ -325,3 +332,11 @@ def serve(settings: Settings, processed_folder: str | None = None) -> None:
     stop.set()
     for t in threads:
         t.join(30)
+
+
+def _wait(stop: threading.Event) -> None:
+    try:
+        while not stop.wait(3600):
+            pass
+    except KeyboardInterrupt:
+        pass

@@ -34,8 +34,6 @@ LANGUAGES = ("en", "sv", "es", "other")
 
 BOS, EOS = 1, 2              # codes of the word-boundary symbols; letters are 3..126
 UNKNOWN = 127                # code of a character no modelled language uses
-NGRAM_STEP = 0.1             # quantization step (nats) of n-gram log-probabilities and back-off weights
-WORD_STEP = 0.05             # quantization step of word Zipf frequencies
 MAX_WORDS = 200              # longer texts are judged on their first 200 words
 MAX_WORD_LEN = 30
 ACRONYM_MAX = 5              # "APN", "SIM", "NOC": all-capital words up to this length are neutral
@@ -90,15 +88,15 @@ class Model:
         self._ctxs = dict(zip(arrays["ctx_keys"].tolist(), range(len(arrays["ctx_keys"]))))
         # one extra all-zero row for letters no language uses
         self._none_row = len(arrays["ngram_keys"])
-        self.ngram_lp = np.vstack([-arrays["ngram_q"].astype(np.float32) * np.float32(NGRAM_STEP),
+        self.ngram_lp = np.vstack([-arrays["ngram_q"].astype(np.float32) * np.float32(self.meta["ngram_step"]),
                                    np.zeros((1, len(self.langs)), dtype=np.float32)])
-        self.ctx_lp = -arrays["ctx_q"].astype(np.float32) * np.float32(NGRAM_STEP)
+        self.ctx_lp = -arrays["ctx_q"].astype(np.float32) * np.float32(self.meta["ngram_step"])
         self.word_keys = arrays["word_keys"].astype(np.uint32)
         lam = float(self.meta["word_lambda"])
         q = arrays["word_q"]
         with np.errstate(divide="ignore"):
             # log(lambda * frequency); -inf where the word is not listed for a language
-            self.listed_lp = np.where(q > 0, (q.astype(np.float32) * WORD_STEP - 9.0) * _LN10 + math.log(lam),
+            self.listed_lp = np.where(q > 0, (q.astype(np.float32) * self.meta["word_step"] - 9.0) * _LN10 + math.log(lam),
                                       -np.inf).astype(np.float32)
         self.char_weight = np.float32(math.log(1.0 - lam))
         self.neutral = frozenset(self.meta["neutral_words"])

@@ -35,9 +35,7 @@ from triagebot.langid import (
     EOS,
     MAX_WORD_LEN,
     MODEL_PATH,
-    NGRAM_STEP,
     UNKNOWN,
-    WORD_STEP,
     Model,
     tokenize,
     word_hash,
@@ -68,6 +66,8 @@ MIN_ZIPF_SCOPE = 1.0    # keep en/sv/es words down to this Zipf frequency (1 per
 MIN_ZIPF_OTHER = 2.0    # keep words of the rejected languages down to this Zipf frequency
 STRIP_SHARE = 0.15      # frequency given to the accent-stripped form of a word (all languages)
 ES_DELETE_SHARE = 0.3   # frequency given to the accent-deleted form of a Spanish word
+NGRAM_STEP = 0.2        # quantization step (nats) of stored n-gram log-probabilities
+WORD_STEP = 0.05        # quantization step of stored Zipf frequencies
 OWN_TEXT_SHARE = 0.03   # share of the word distribution given to our own support text
 
 # log-prior added to each language before the decision; rejected languages start lower, so
@@ -582,6 +582,8 @@ def meta(alpha: Alphabet) -> dict:
         "langs": list(LANGS),
         "alphabet": alpha.letters,
         "order": ORDER,
+        "ngram_step": NGRAM_STEP,
+        "word_step": WORD_STEP,
         "word_lambda": WORD_LAMBDA,
         "prior_other": PRIOR_OTHER,
         "hint_boost": HINT_BOOST,

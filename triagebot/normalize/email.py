@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import itertools
 import quopri
 import re
 from datetime import datetime, timezone
 from email import errors as email_errors
+from email import utils as email_utils
 from email.message import Message as EmailMessage
 from email.parser import BytesParser
 from email.policy import compat32
@@ -33,6 +35,9 @@ MAX_PART_BYTES = 5_000_000    # decoded bytes of one body part looked at
 MAX_BODY_CHARS = 1_000_000    # characters of body text kept
 MAX_ADDRESSES = 200           # recipients kept
 MAX_IDS = 100                 # References / In-Reply-To ids kept
+MAX_LINES = 1_000_000         # lines handed to the parser (a 30 MB base64 mail has ~400,000)
+MAX_DELIMITER_LINES = 10_000  # lines starting with "--" handed to the parser: each may open a MIME part
+MAX_PARAM_HEADER = 8_000      # characters of a Content-Type/-Disposition whose parameters are parsed
 
 # defects that mean the structure was guessed (RFC 2046 boundaries, header/body split), not cosmetic ones
 _STRUCTURAL_DEFECTS = (
@@ -212,6 +217,105 @@ def _looks_like_email(raw: bytes) -> bytes:
     return raw
 
 
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_DELIMITER_LINE = re.compile(rb"(?:\A|[\r\n])--")
+
+
+def _nth_match_start(rx: re.Pattern, raw: bytes, n: int) -> int | None:
+    """Where the n-th (1-based) match of rx in raw starts, or None when there are fewer."""
+    m = next(itertools.islice(rx.finditer(raw), n - 1, None), None)
+    return None if m is None else m.start()
+
+
+def _bound(raw: bytes) -> tuple[bytes, bool]:
+    """Raw bytes cut so the stdlib parser's work is bounded; (bytes, cut).
+
+    The parser keeps every line of a part in a list (about 60 bytes each: 30 MB of bare newlines is
+    1.5 GB) and makes a Message for every boundary line (a 30 MB mail of "--B" lines is millions of
+    parts, minutes and gigabytes). Real mail is far below both bounds; what lies beyond them is dropped.
+    """
+    cut = False
+    if raw.count(b"\n") + raw.count(b"\r") > MAX_LINES:   # CRLF counts twice: a cheap over-estimate
+        end = _nth_match_start(_LINE_BREAK, raw, MAX_LINES)
+        if end is not None:
+            raw, cut = raw[:end], True
+    if raw.count(b"\n--") + raw.count(b"\r--") >= MAX_DELIMITER_LINES:
+        end = _nth_match_start(_DELIMITER_LINE, raw, MAX_DELIMITER_LINES)
+        if end is not None:
+            raw, cut = raw[:end], True
+    return raw, cut
+
+
+def _split_params(value: str) -> list[str]:
+    """email.message._parseparam in linear time: "a; b=\"x;y\"; c" -> ["a", "b=\"x;y\"", "c"].
+
+    The stdlib recounts the quotes from the parameter's start at every ";" (quadratic: a 2 MB
+    Content-Type of quotes and semicolons takes hours). A ";" splits when the count of '"' minus the
+    count of '\\"' before it, from the start of the value, is even; that is the same rule.
+    """
+    plist: list[str] = []
+    start = 0
+    parity = 0
+    for m in _PARAM_TOKEN.finditer(value):
+        tok = m.group()
+        if tok == ";":
+            if parity:
+                continue
+            plist.append(_param(value[start:m.start()]))
+            start = m.end()
+        elif tok == '"':
+            parity ^= 1
+        # '\\"' counts as one quote and one escaped quote: no change of parity
+    plist.append(_param(value[start:]))
+    return plist
+
+
+_PARAM_TOKEN = re.compile(r'\\"|[;"]')
+
+
+def _param(f: str) -> str:
+    if "=" in f:
+        i = f.index("=")
+        f = f[:i].strip().lower() + "=" + f[i + 1:].strip()
+    return f.strip()
+
+
+class _Part(EmailMessage):
+    """compat32's Message with MIME parameters parsed in linear time and bounded (see _split_params)."""
+
+    def _get_params_preserve(self, failobj, header):  # type: ignore[no-untyped-def]  # stdlib signature
+        # the stdlib method (email/message.py), but the value is cut and split in linear time, and a
+        # broken RFC 2231 parameter (name*=a; name*0=b, a 5,000-digit section number) leaves the
+        # parameters undecoded instead of raising TypeError/ValueError inside the parser
+        missing = object()
+        value = self.get(header, missing)
+        if value is missing:
+            return failobj
+        params = []
+        for p in _split_params(str(value)[:MAX_PARAM_HEADER]):
+            name, sep, val = p.partition("=")
+            params.append((name.strip(), val.strip()) if sep else (name.strip(), ""))
+        try:
+            return email_utils.decode_params(params)
+        except (TypeError, ValueError, LookupError):
+            return params
+
+
+def _addresses(values: list[str]) -> list[tuple[str, str]]:
+    """email.utils.getaddresses, but nested comments deeper than the stack ("((((...") give no address."""
+    try:
+        return getaddresses(values)
+    except RecursionError:
+        return []
+
+
+def _address(value: str) -> tuple[str, str]:
+    try:
+        return parseaddr(value)
+    except RecursionError:
+        return "", ""
+
+
 def _ids(value: str | None) -> tuple[str, ...]:
     if not value:
         return ()
@@ -367,9 +471,9 @@ def parse_email(raw: bytes) -> Message:
     """A Message from raw RFC 5322 bytes; InputError (one line) when it is not an email at all."""
     if not isinstance(raw, (bytes, bytearray)):
         raise InputError("not an email: expected bytes")
-    raw = _looks_like_email(bytes(raw))
+    raw, cut = _bound(_looks_like_email(bytes(raw)))
     try:
-        return _parse(raw)
+        return _parse(raw, cut)
     except InputError:
         raise
     except RecursionError:
@@ -393,9 +497,9 @@ def _fallback(raw: bytes, error: Exception) -> Message:
                    subject=next((v for k, v in headers if k.lower() == "subject"), None))
 
 
-def _parse(raw: bytes) -> Message:
-    msg = BytesParser(policy=compat32).parsebytes(raw)
-    flags: set[str] = set()
+def _parse(raw: bytes, cut: bool = False) -> Message:
+    msg = BytesParser(_class=_Part, policy=compat32).parsebytes(raw)
+    flags: set[str] = {"malformed_mime"} if cut else set()
     headers: list[tuple[str, str]] = []
     first: dict[str, str] = {}
     # raw_items: the stored values, with raw 8-bit bytes still as surrogates (items() would turn them into U+FFFD)
@@ -432,9 +536,9 @@ def _parse(raw: bytes) -> Message:
             "\n\n".join(html_to_text(t) for t in inner.html if t.strip())
         if body.strip():
             flags.add("forwarded")
-    sender_name, sender = parseaddr(first.get("from", ""))
+    sender_name, sender = _address(first.get("from", ""))
     if not sender and first.get("sender"):
-        sender_name, sender = parseaddr(first["sender"])
+        sender_name, sender = _address(first["sender"])
     parts = split_reply(body, sender_name=sender_name or None)
     if parts.forwarded:
         flags.add("forwarded")
@@ -445,7 +549,7 @@ def _parse(raw: bytes) -> Message:
     for name in ("to", "cc"):
         for k, v in headers:
             if k.lower() == name and len(recipients) < MAX_ADDRESSES:
-                recipients.extend(a.lower() for _, a in getaddresses([v]) if a and "@" in a)
+                recipients.extend(a.lower() for _, a in _addresses([v]) if a and "@" in a)
     mid = first.get("message-id", "").strip()
     mids = _MSGID.findall(mid)
     message_id = mids[0] if mids else ("".join(mid.split()) or None)

@@ -193,15 +193,20 @@ class Sender:
 
 
 def serve(settings: Settings) -> None:
-    """`triagebot sender`: send queued mail until SIGTERM/SIGINT."""
+    """`triagebot sender`: send queued mail until SIGTERM/SIGINT; idle when no relay is configured."""
     import signal
-    _engine, sessions = open_db(settings.database_url)
-    sender = Sender(settings, sessions)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    log.warning("sending queued mail through %s:%s", settings.relay_host, settings.relay_port)
     try:
-        sender.run(stop)
+        if not settings.relay_host:
+            # a Procfile process that exits stops its siblings under foreman/honcho: wait quietly instead
+            log.warning("no relay configured (TRIAGEBOT_RELAY_HOST): no mail is queued or sent")
+            while not stop.wait(3600):
+                pass
+            return
+        _engine, sessions = open_db(settings.database_url)
+        log.warning("sending queued mail through %s:%s", settings.relay_host, settings.relay_port)
+        Sender(settings, sessions).run(stop)
     except KeyboardInterrupt:
         pass
 

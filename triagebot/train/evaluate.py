@@ -47,6 +47,7 @@ def evaluate(out_dir: Path | str, models_dir: Path | str = MODELS_DIR, data_dir:
         lang_test = [e.language for e in test_ex]
         heldout = score_model(model, X_test, Y_test, lang_test)
         probs = model.predict_proba(X_test) if len(test_ex) else {}
+        runtime = _with_detected_language(model, X_test, Y_test, lang_test)
         bar.update(1)
         cv_metrics: dict[str, Any] = {}
         if cv and train_ex:
@@ -100,6 +101,7 @@ def evaluate(out_dir: Path | str, models_dir: Path | str = MODELS_DIR, data_dir:
                  "split": {"by": "scenario", "salt": ds.SPLIT_SALT, "test_fraction": ds.TEST_FRACTION}},
         "heldout_macro_f1": _clean(mean_macro_f1(heldout)) if heldout else None,
         "heldout": _jsonable(heldout),
+        "heldout_detected_language": runtime,
         "review_threshold": threshold,
         "review": review,
         "cv": _jsonable(cv_metrics),
@@ -109,6 +111,28 @@ def evaluate(out_dir: Path | str, models_dir: Path | str = MODELS_DIR, data_dir:
     path = out / REPORT_HTML
     path.write_text(_html(report, pictures, loaded), encoding="utf-8")
     return path
+
+
+def _with_detected_language(model: Any, X: np.ndarray, Y: Mapping[str, np.ndarray],
+                            labelled: Sequence[str]) -> dict[str, Any] | None:
+    """Held-out figures with the language triagebot.langid detects (as at run time) instead of the label."""
+    try:
+        from triagebot.langid import detect
+    except ImportError:
+        return None
+    if not len(X):
+        return None
+    X2 = X.copy()
+    try:
+        X2[:, 0] = [detect(text)[0] for text in X[:, 1]]
+    except Exception as e:  # noqa: BLE001 - the language model is another component; report, do not fail
+        return {"error": f"triagebot.langid.detect failed: {type(e).__name__}: {e}"}
+    agree = float(np.mean(X2[:, 0] == np.asarray(labelled, dtype=object)))
+    scored = score_model(model, X2, Y, list(X2[:, 0]))
+    return {"language_agreement": _clean(agree),
+            "labels": {lab: {k: _clean(scored[lab]["all"][k]) for k in ("n", "accuracy", "macro_f1")}
+                       for lab in scored},
+            "heldout_macro_f1": _clean(mean_macro_f1(scored))}
 
 
 def _inputs(examples: Sequence[ds.LabelledExample], bar: tqdm) -> np.ndarray:
@@ -232,6 +256,16 @@ def _img(pictures: Mapping[str, str], key: str) -> str:
     return f"<img alt='{html.escape(key)}' src='data:image/png;base64,{pictures[key]}'>" if key in pictures else ""
 
 
+def _runtime_note(rt: Mapping[str, Any] | None) -> str:
+    if not rt:
+        return ""
+    if "error" in rt:
+        return f"<p class='note'>No figures with the detected language: {html.escape(rt['error'])}</p>"
+    per = ", ".join(f"{html.escape(k)} {_fmt(v['macro_f1'])}" for k, v in rt["labels"].items())
+    return (f"<p>With the language triagebot.langid detects instead of the labelled one (agreement "
+            f"{_fmt(rt['language_agreement'])}): macro-F1 {per}; mean {_fmt(rt['heldout_macro_f1'])}.</p>")
+
+
 def _html(report: Mapping[str, Any], pictures: Mapping[str, str], loaded: LoadedModel) -> str:
     e = html.escape
     m, d = report["model"], report["data"]
@@ -249,6 +283,7 @@ def _html(report: Mapping[str, Any], pictures: Mapping[str, str], loaded: Loaded
         f"held-out split: {d['n_test']} messages from scenarios the model never saw "
         f"(split by scenario, {int(d['split']['test_fraction'] * 100)}%); training split {d['n_train']}.</p>",
         f"<p><b>Held-out macro-F1, mean over labels: {_fmt(report['heldout_macro_f1'])}</b></p>",
+        _runtime_note(report.get("heldout_detected_language")),
         "<p class='note'>Libraries: " + e(", ".join(f"{k} {v}" for k, v in (m.get("libraries") or {}).items())) + "</p>",
     ]
     for lab in LABELS:

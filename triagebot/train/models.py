@@ -1,7 +1,9 @@
 """The classifiers: one shared feature pipeline and one calibrated head per label, chosen by grouped CV."""
 from __future__ import annotations
 
+import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,6 +17,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, Stratified
 from sklearn.naive_bayes import ComplementNB
 from sklearn.pipeline import Pipeline
 from sklearn.svm import LinearSVC
+from threadpoolctl import threadpool_limits
 
 from triagebot.train.features import build_features, make_inputs
 
@@ -68,7 +71,9 @@ def fit_head(head: BaseEstimator, Xt: Any, y: np.ndarray, groups: np.ndarray | N
     if isinstance(est, CalibratedClassifierCV) and not isinstance(est.cv, list):
         n = est.cv if isinstance(est.cv, int) else CALIBRATION_FOLDS
         est.set_params(cv=grouped_splits(y, groups, n))
-    with warnings.catch_warnings():
+    # one BLAS/OpenMP thread: these fits are small, and lbfgs with a thread per core ran 7x slower on a
+    # busy two-core machine than with one (oversubscription)
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         # a class missing from one calibration fold is reported per fold; the class still gets scores
         warnings.filterwarnings("ignore", message=".*[Nn]umber of classes in training fold.*")
@@ -103,11 +108,21 @@ class FastScorer:
             offset += len(vec.vocabulary_)
         self.n_features = offset
         self.heads = {}
+        blocks_W, blocks_b, start = [], [], 0
         for label in model.labels:
-            self.heads[label] = self._head(model.heads_[label], np.asarray(model.classes_[label], dtype=object))
+            members = []
+            for W, b, kind, pos, a, c0, n_classes in self._head(model.heads_[label]):
+                # every linear score of every head in one matrix: one row gather and one product per message
+                blocks_W.append(W)
+                blocks_b.append(b)
+                members.append((start, start + W.shape[1], kind, pos.tolist(), a.tolist(), c0.tolist(), n_classes))
+                start += W.shape[1]
+            self.heads[label] = members
+        self.W = np.ascontiguousarray(np.hstack(blocks_W))
+        self.b = np.concatenate(blocks_b)
 
     @staticmethod
-    def _head(head: Any, classes: np.ndarray) -> tuple:
+    def _head(head: Any) -> list[tuple]:
         if not isinstance(head, CalibratedClassifierCV) or head.method != "sigmoid":
             raise ValueError(f"no fast path for {type(head).__name__}")
         members = []
@@ -130,7 +145,7 @@ class FastScorer:
             a = np.array([c.a_ for c in cc.calibrators], dtype=np.float64)
             c0 = np.array([c.b_ for c in cc.calibrators], dtype=np.float64)
             members.append((W, b, kind, pos, a, c0, len(cc.classes)))
-        return classes, members
+        return members
 
     def vector(self, language: str, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(column indices, values) of the TF-IDF row for one message."""
@@ -138,11 +153,7 @@ class FastScorer:
         cols: list[np.ndarray] = []
         vals: list[np.ndarray] = []
         for analyse, vocab, idf, sublinear, norm, offset in self.vectorizers:
-            counts: dict[int, int] = {}
-            for gram in analyse(tokens):
-                j = vocab.get(gram)
-                if j is not None:
-                    counts[j] = counts.get(j, 0) + 1
+            counts = Counter([j for j in map(vocab.get, analyse(tokens)) if j is not None])
             if not counts:
                 continue
             idx = np.fromiter(counts.keys(), dtype=np.intp, count=len(counts))
@@ -158,33 +169,45 @@ class FastScorer:
             return np.zeros(0, dtype=np.intp), np.zeros(0)
         return np.concatenate(cols), np.concatenate(vals)
 
-    def predict_one(self, language: str, text: str) -> dict[str, np.ndarray]:
+    def predict_one(self, language: str, text: str) -> dict[str, list[float]]:
         """label -> calibrated probabilities (classes_ order) for one message."""
         idx, val = self.vector(language, text)
+        scores = (val @ self.W[idx] + self.b if len(idx) else self.b).tolist()
+        # a handful of numbers per head: plain floats are faster here than numpy calls on tiny arrays
         out = {}
-        for label, (classes, members) in self.heads.items():
-            total = np.zeros(len(classes))
-            for W, b, kind, pos, a, c0, n_classes in members:
-                scores = val @ W[idx] + b if len(idx) else b.copy()
+        for label, members in self.heads.items():
+            total: list[float] | None = None
+            for start, end, kind, pos, a, c0, n_classes in members:
+                f = scores[start:end]
                 if kind == "softmax":
-                    scores = np.exp(scores - scores.max())
-                    scores /= scores.sum()
-                    if len(scores) == 2:
-                        scores = scores[1:]
-                proba = np.zeros(n_classes)
-                cal = 1.0 / (1.0 + np.exp(a * scores + c0))
+                    top = max(f)
+                    e = [math.exp(x - top) for x in f]
+                    z = sum(e)
+                    f = [x / z for x in e]
+                    if len(f) == 2:
+                        f = f[1:]
+                cal = [_expit_neg(ai * fi + ci) for ai, fi, ci in zip(a, f, c0)]
                 if n_classes == 2:
                     # binary: one score, for the second class (as _CalibratedClassifier does)
-                    proba[1] = cal[0]
-                    proba[0] = 1.0 - proba[1]
+                    proba = [1.0 - cal[0], cal[0]]
                 else:
-                    proba[pos] = cal
-                    s = proba.sum()
-                    proba = proba / s if s != 0 else np.full(n_classes, 1.0 / n_classes)
-                proba[(proba > 1.0) & (proba <= 1.0 + 1e-5)] = 1.0
-                total += proba
-            out[label] = total / len(members)
+                    proba = [0.0] * n_classes
+                    for j, p in zip(pos, cal):
+                        proba[j] = p
+                    z = sum(proba)
+                    proba = [p / z for p in proba] if z != 0 else [1.0 / n_classes] * n_classes
+                proba = [1.0 if 1.0 < p <= 1.0 + 1e-5 else p for p in proba]
+                total = proba if total is None else [t + p for t, p in zip(total, proba)]
+            assert total is not None
+            out[label] = [t / len(members) for t in total]
         return out
+
+
+def _expit_neg(x: float) -> float:
+    """1 / (1 + e^x), the sigmoid calibration of scikit-learn (expit(-x)), without overflow."""
+    if x > 700.0:
+        return 0.0
+    return 1.0 / (1.0 + math.exp(x))
 
 
 # texts the fast path is checked on when it is built: one per language, with numbers and identifiers
@@ -259,7 +282,7 @@ class TriageClassifier(BaseEstimator):
                 for i, (lang, text) in enumerate(FAST_PATH_PROBES):
                     got = fast.predict_one(lang, text)
                     for label in self.labels:
-                        diff = float(np.max(np.abs(got[label] - ref[label][i])))
+                        diff = float(np.max(np.abs(np.asarray(got[label]) - ref[label][i])))
                         if not diff <= FAST_PATH_TOLERANCE:
                             raise ValueError(f"{label} differs by {diff:.2e} on probe {i}")
                 self._fast = fast
