@@ -46,39 +46,46 @@ def main(argv: list[str] | None = None) -> int:
     rss_start = rss_mb()
 
     t0 = time.perf_counter()
+    import skops.io  # noqa: F401 - imported by the first load; counted with the imports, not the load
     from triagebot.model import Triage
     from triagebot.steps.classify import ClassifyStep
+    from triagebot.train import models  # noqa: F401
     from triagebot.train.registry import ModelHandle, Registry
     t_import = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    loaded = Registry(args.models_dir).load()
-    t_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    # first use builds the checked fast path and the spaCy tokenizers of each language
-    for lang in ("en", "sv", "es", "other"):
-        loaded.model.predict_one(lang, "warm up\nhello")
-    t_warm = time.perf_counter() - t0
+    # what a worker does: the handle loads the promoted model and warms it up (fast path, tokenizers)
+    handle = ModelHandle(args.models_dir)
+    loaded = handle.get()
+    if loaded is None:
+        print(f"no model: {handle.error or 'nothing promoted in ' + str(args.models_dir)}", file=sys.stderr)
+        return 1
+    t_ready = time.perf_counter() - t0
     rss_loaded = rss_mb()
     t_cold = time.perf_counter() - STARTED
+    t0 = time.perf_counter()
+    Registry(args.models_dir).load()
+    t_load = time.perf_counter() - t0
 
     from triagebot.normalize import message_from_text
     from triagebot.train import dataset as ds
 
     _, test_ex = ds.load_dataset(args.data_dir).split()
     messages = [(message_from_text(e.channel, e.subject, e.body, e.html), e.language, e.channel) for e in test_ex]
-    handle = ModelHandle(args.models_dir)
-    handle._loaded = loaded          # the loaded model; the handle still re-checks the registry every 2 s
     step = ClassifyStep(models_dir=args.models_dir, handle=handle)
     triages = [Triage(language=lang) for _, lang, _ in messages]
 
     best: list[float] | None = None
+    best_cpu = float("inf")
     for _ in range(max(1, args.repeat)):
         times = []
+        cpu0 = time.process_time()
         for (msg, _lang, _ch), tri in zip(messages, triages):
             s = time.perf_counter()
             step(msg, tri)
             times.append(time.perf_counter() - s)
+        # CPU time too: on a shared machine wall time also counts the time other processes held the core
+        best_cpu = min(best_cpu, (time.process_time() - cpu0) / len(messages))
         if best is None or sum(times) < sum(best):
             best = times
     assert best is not None
@@ -91,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         "mean_chars": round(statistics.mean(chars), 1),
         "per_message_us": {"mean": round(statistics.mean(us), 1), "median": round(statistics.median(us), 1),
                            "p95": round(sorted(us)[int(0.95 * (len(us) - 1))], 1), "max": round(max(us), 1)},
+        "cpu_per_message_us": round(best_cpu * 1e6, 1),
         "email_per_message_us_mean": round(statistics.mean(email_us), 1) if email_us else None,
         "messages_per_second": round(1e6 / statistics.mean(us), 1),
         "fast_path": loaded.model.fast_path_error is None and loaded.model.fast_scorer() is not None,
         "import_s": round(t_import, 3),
-        "load_s": round(t_load, 3),
-        "warm_up_s": round(t_warm, 3),
+        "load_and_warm_up_s": round(t_ready, 3),
+        "load_only_s": round(t_load, 3),
         "cold_start_to_ready_s": round(t_cold, 3),
         "rss_mb": {"interpreter": round(rss_start, 1), "model_loaded": round(rss_loaded, 1),
                    "after_benchmark": round(rss_mb(), 1)},

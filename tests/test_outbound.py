@@ -86,7 +86,7 @@ def sink():
 @pytest.fixture
 def settings(tmp_path, sink):
     return Settings(database_url=f"sqlite:///{tmp_path / 'triagebot.db'}", relay_host="127.0.0.1",
-                    relay_port=sink.port, support_address=SUPPORT, mail_domains=("support.example.net",), rules_dir=Path("/tmp/mailx/rules_fixed"))
+                    relay_port=sink.port, support_address=SUPPORT, mail_domains=("support.example.net",))
 
 
 class FixedLanguage:
@@ -402,3 +402,18 @@ def test_triagebot_sender_once_sends_the_queue(settings, sink, monkeypatch, caps
     assert main(["sender", "--once"]) == 0
     assert "sent 1" in capsys.readouterr().out
     assert len(sink.mails) == 1
+
+
+def test_a_bad_suppression_pattern_is_reported_with_its_line(tmp_path):
+    text = (ROOT / "rules" / "ack_templates.yaml").read_text(encoding="utf-8")
+    lines = text.split("\n")
+    n = next(i for i, line in enumerate(lines, 1) if "postmaster" in line)
+    lines[n - 1] = lines[n - 1].replace("'postmaster'", "'post(master'")
+    (tmp_path / "ack_templates.yaml").write_text("\n".join(lines), encoding="utf-8")
+    ack.load_rules.cache_clear()
+    try:
+        with pytest.raises(RuleError) as e:
+            ack.load_rules(tmp_path)
+    finally:
+        ack.load_rules.cache_clear()
+    assert e.value.line == n and f"ack_templates.yaml:{n}:" in str(e.value) and "local_parts" in str(e.value)

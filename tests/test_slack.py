@@ -399,7 +399,10 @@ def test_a_significant_update_updates_the_suggestion_in_place_and_notes_it_in_it
     note = env.fake.of("chat.postMessage")[-1]
     assert note["thread_ts"] == case.agent_post_ts
     note_text = "\n".join(all_text(note["blocks"]))
-    assert "medium" in note_text and "critical" in note_text and "<!here>" not in note_text
+    with env.sessions() as s:   # the note says what changed, as the trail has it (repeat contacts may raise it too)
+        ev = s.scalars(select(CaseEvent).where(CaseEvent.kind == "threaded").order_by(CaseEvent.id.desc())).first()
+        before, after = ev.detail["changes"]["severity"]
+    assert after == "critical" and f"severity {before} → *critical*" in note_text and "<!here>" not in note_text
     assert len(env.fake.of("chat.postMessage")) == 2  # the suggestion and one note, no second suggestion
 
 

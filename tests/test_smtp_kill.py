@@ -251,3 +251,39 @@ def test_a_client_vanishing_while_its_message_commits_does_not_stop_the_listener
     with sqlite3.connect(tmp_path / "db.sqlite") as c:
         ids = [MSGID.search(r[0]).group(1).decode() for r in c.execute("SELECT raw FROM intake")]
     assert "next@kill.test" in ids
+
+
+def test_listener_rows_are_ordinary_queue_rows(db_url):
+    """The writer's INSERT (driver-level on SQLite, Core elsewhere) gives rows the queue and the ORM read as usual."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import select
+
+    from triagebot.db import queue
+    from triagebot.db.engine import open_db
+    from triagebot.db.tables import Intake
+    from triagebot.intake.smtp import build_controller
+    from triagebot.settings import Settings
+
+    settings = Settings(database_url=db_url, smtp_port=free_port(), mail_domains=("support.example.net",))
+    controller, writer = build_controller(settings)
+    controller.start()
+    before = datetime.now(timezone.utc)
+    try:
+        with smtplib.SMTP("127.0.0.1", settings.smtp_port, timeout=10) as c:
+            for mid in ("one@rows.test", "two@rows.test"):
+                c.sendmail(SENDER, [RECIPIENT], message(mid))
+    finally:
+        controller.stop()
+        writer.shutdown()
+    _engine, sessions = open_db(db_url)
+    with sessions() as s:
+        rows = list(s.scalars(select(Intake).order_by(Intake.id)))
+    assert [r.raw for r in rows] == [message("one@rows.test"), message("two@rows.test")]
+    for r in rows:
+        assert (r.channel, r.state, r.attempts, r.flags, r.delivery_key) == ("email", "queued", 0, [], None)
+        assert r.content_hash == queue.content_hash(r.raw) and r.origin == "smtp:127.0.0.1"
+        received = r.received_at if r.received_at.tzinfo else r.received_at.replace(tzinfo=timezone.utc)
+        assert before - timedelta(seconds=5) <= received <= datetime.now(timezone.utc)
+    claimed = queue.claim(sessions, "test-worker", limit=10)
+    assert [c.raw for c in claimed] == [r.raw for r in rows]

@@ -363,3 +363,15 @@ def test_model_rejects_wrong_input_shape(trained):
     with pytest.raises(ValueError, match="language, text"):
         model.predict_proba(np.array(["just text"], dtype=object))
     assert set(model.predict(make_inputs(["en"], ["no data on 40 meters"]))) == {"category", "service", "severity"}
+
+
+def test_tokenizer_vocab_is_bounded_in_a_long_running_process(monkeypatch):
+    from triagebot.train import features
+
+    nlp = features.get_nlp("sv")
+    before = features.analyse("sv", "Hej! Våra 40 mätare har slutat skicka data.", full_lemma_table("sv"))
+    monkeypatch.setattr(features, "MAX_VOCAB", len(nlp.vocab) + 100)
+    features.analyse("sv", " ".join(f"ord{i}abc" for i in range(300)))
+    fresh = features.get_nlp("sv")
+    assert fresh is not nlp and len(fresh.vocab) < len(nlp.vocab)
+    assert features.analyse("sv", "Hej! Våra 40 mätare har slutat skicka data.", full_lemma_table("sv")) == before

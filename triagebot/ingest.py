@@ -49,8 +49,8 @@ def normalize(channel: str, raw: bytes) -> Message:
     if channel == "slack":
         try:
             payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd numbers, absurd nesting
+            raise InputError(f"not valid JSON: {type(e).__name__}: {e}") from None
         return parse_slack(payload)
     return parse_email(raw)
 

@@ -31,6 +31,7 @@ __all__ = ["detect", "scores", "tokenize", "word_hash", "Model", "get_model", "M
 
 MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "langid" / "langid.npz"
 LANGUAGES = ("en", "sv", "es", "other")
+FORMAT = 1                   # layout of the model file; a file of another layout is refused
 
 BOS, EOS = 1, 2              # codes of the word-boundary symbols; letters are 3..126
 UNKNOWN = 127                # code of a character no modelled language uses
@@ -38,20 +39,16 @@ MAX_WORDS = 200              # longer texts are judged on their first 200 words
 MAX_WORD_LEN = 30
 ACRONYM_MAX = 5              # "APN", "SIM", "NOC": all-capital words up to this length are neutral
 
-_CHUNK = re.compile(r"[\w'’]+")
+# a run of letters (with inner apostrophes) that touches no digit or underscore: identifiers,
+# versions and snake_case are not language
+_WORD = re.compile(r"(?<!\w)[^\W\d_]+(?:'[^\W\d_]+)*(?!\w)")
 _LN10 = math.log(10.0)
 
 
 def _words(text: str) -> list[tuple[str, bool]]:
-    """(lower-cased word, is_acronym) for each run of letters; runs touching digits are dropped."""
-    out = []
-    for m in _CHUNK.finditer(unicodedata.normalize("NFC", text)):
-        chunk = m.group().replace("’", "'").strip("'")
-        if not chunk or not chunk.replace("'", "").isalpha():
-            continue  # identifiers, versions, snake_case: not language
-        acronym = 1 < len(chunk) <= ACRONYM_MAX and chunk.isupper()
-        out.append((chunk.lower(), acronym))
-    return out
+    """(lower-cased word, is_acronym) for each word of a text."""
+    found = _WORD.findall(unicodedata.normalize("NFC", text).replace("’", "'"))
+    return [(w.lower(), 1 < len(w) <= ACRONYM_MAX and w.isupper()) for w in found]
 
 
 def tokenize(text: str) -> list[str]:
@@ -77,6 +74,9 @@ class Model:
 
     def __init__(self, arrays: dict[str, np.ndarray]) -> None:
         self.meta = json.loads(bytes(arrays["meta"]).decode("utf-8"))
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"language model file has format {self.meta.get('format')!r}, this code reads "
+                             f"format {FORMAT}: rebuild it with `python -m triagebot.langid.build`")
         self.langs: tuple[str, ...] = tuple(self.meta["langs"])
         self.in_scope = np.array([lang in LANGUAGES for lang in self.langs])
         self.order = int(self.meta["order"])
@@ -86,19 +86,21 @@ class Model:
         self._mask_of = [(1 << (7 * n)) - 1 for n in range(self.order + 1)]
         self._rows = dict(zip(arrays["ngram_keys"].tolist(), range(len(arrays["ngram_keys"]))))
         self._ctxs = dict(zip(arrays["ctx_keys"].tolist(), range(len(arrays["ctx_keys"]))))
-        # one extra all-zero row for letters no language uses
+        # tables stay quantized (uint8, -log p / step) until gathered; one extra all-zero row
+        # stands for letters no language uses
         self._none_row = len(arrays["ngram_keys"])
-        self.ngram_lp = np.vstack([-arrays["ngram_q"].astype(np.float32) * np.float32(self.meta["ngram_step"]),
-                                   np.zeros((1, len(self.langs)), dtype=np.float32)])
-        self.ctx_lp = -arrays["ctx_q"].astype(np.float32) * np.float32(self.meta["ngram_step"])
+        self.ngram_q = np.vstack([arrays["ngram_q"], np.zeros((1, len(self.langs)), dtype=np.uint8)])
+        self.ctx_q = arrays["ctx_q"]
+        self.ngram_step = float(self.meta["ngram_step"])
         self.word_keys = arrays["word_keys"].astype(np.uint32)
+        self.word_q = arrays["word_q"]
+        self.word_step = float(self.meta["word_step"])
         lam = float(self.meta["word_lambda"])
-        q = arrays["word_q"]
-        with np.errstate(divide="ignore"):
-            # log(lambda * frequency); -inf where the word is not listed for a language
-            self.listed_lp = np.where(q > 0, (q.astype(np.float32) * self.meta["word_step"] - 9.0) * _LN10 + math.log(lam),
-                                      -np.inf).astype(np.float32)
-        self.char_weight = np.float32(math.log(1.0 - lam))
+        # log(lambda * frequency) for each stored Zipf step; -inf for 0, "not listed"
+        lut = np.arange(256, dtype=np.float64) * (self.word_step * _LN10) + math.log(lam) - 9.0 * _LN10
+        lut[0] = -np.inf
+        self._listed_lut = lut.astype(np.float32)
+        self.char_weight = math.log(1.0 - lam)
         self.neutral = frozenset(self.meta["neutral_words"])
         self.base_prior = np.where(self.in_scope, 0.0, float(self.meta["prior_other"]))
         self._other = ~self.in_scope
@@ -120,7 +122,8 @@ class Model:
         """log P(word | language) under each language's character model, shape (words, langs)."""
         if not words:
             return np.zeros((0, len(self.langs)), dtype=np.float32)
-        code, full, masks = self._code, self._mask_of[self.order], self._mask_of
+        code, masks = self._code, self._mask_of
+        full = masks[self.order]
         get_row, get_ctx, none_row = self._rows.get, self._ctxs.get, self._none_row
         rows: list[int] = []
         starts: list[int] = []
@@ -153,28 +156,30 @@ class Model:
                         r = get_row(key)
                     found[i] = none_row if r is None else r  # a letter no language uses: no evidence
             rows.extend(found)
-        out = np.add.reduceat(self.ngram_lp[rows], starts, axis=0)
+        out = np.add.reduceat(self.ngram_q[rows].astype(np.float32), starts, axis=0)
         if ctx:
-            np.add.at(out, ctx_word, self.ctx_lp[ctx])
+            np.add.at(out, ctx_word, self.ctx_q[ctx])
+        out *= -self.ngram_step
         return out
 
     def word_lp(self, words: list[str]) -> np.ndarray:
         """log P(word | language): frequency-list mixture with the character model, (words, langs)."""
         cache = self._cache
-        new = [w for w in dict.fromkeys(words) if w not in cache]
+        got = {w: cache.get(w) for w in words}   # a local view: other threads may clear the cache
+        new = [w for w, v in got.items() if v is None]
         if new:
-            lp = self.char_lp(new) + self.char_weight
+            lp = self.char_lp(new) + np.float32(self.char_weight)
             if len(self.word_keys):
                 h = np.fromiter((word_hash(w) for w in new), dtype=np.uint32, count=len(new))
                 pos = np.minimum(np.searchsorted(self.word_keys, h), len(self.word_keys) - 1)
                 hit = self.word_keys[pos] == h
                 if hit.any():
-                    lp[hit] = np.logaddexp(self.listed_lp[pos[hit]], lp[hit])
+                    lp[hit] = np.logaddexp(self._listed_lut[self.word_q[pos[hit]]], lp[hit])
             if len(cache) > 100_000:
                 cache.clear()  # bounded memory; common words come back at once
             for w, v in zip(new, lp):
-                cache[w] = v
-        return np.array([cache[w] for w in words])
+                got[w] = cache[w] = v
+        return np.array([got[w] for w in words])
 
     def prior(self, hint: str | None = None, locale: str | None = None) -> np.ndarray:
         """Log-prior per language: rejected languages start lower; hint and locale add to it."""

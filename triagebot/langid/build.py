@@ -12,7 +12,14 @@ trained with its accents stripped (`pequenos`) and deleted (`pequeos`), because 
 loses them; every language gets a small share of accent-stripped forms for the same reason.
 The lingua test files are never read here.
 
-Output: models/langid/langid.npz (no pickle) with quantized tables; see `triagebot.langid.Model`.
+Size: n-grams are pruned by (how often they occur) x (how far their back-off is from them), and
+the word table keeps frequent words plus the words the spelling model alone would misjudge.
+
+Output: models/langid/langid.npz (no pickle): n-gram keys (7-bit letter codes packed into int64)
+with uint8 quantized -log P per language, context back-off weights likewise, a word table of CRC32
+keys with uint8 Zipf frequencies per language, and a JSON `meta` (parameters, alphabet, neutral
+words, training fingerprint). `--dev PCT` instead builds without PCT% of the wordfreq words and
+reports accuracy on them (out-of-vocabulary words and pairs). See `triagebot.langid.Model`.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from triagebot.langid import (
     BOS,
     EOS,
     MAX_WORD_LEN,
+    FORMAT,
     MODEL_PATH,
     UNKNOWN,
     Model,
@@ -57,13 +65,15 @@ PURITY = 0.2           # a word trains a language's spelling model only if its f
 CHAR_BETA = 0.3         # char-LM training weight of a word = (freq / min freq) ** beta
 MIN_COUNT = 2.0         # prune n-grams seen less than this (weighted) in every language
 MIN_CTX_COUNT = 2.0     # keep backoff weights of contexts seen at least this often somewhere
-THETA_NGRAM = 1e-6      # keep an n-gram only if (share of letters) x (log-ratio to back-off) is this big
+THETA_NGRAM = 3e-5      # keep an n-gram only if (share of letters) x (log-ratio to back-off) is this big
 THETA_CTX = 0.1         # keep a context's back-off weight only if it is at least this far from 0
-WORD_MARGIN = 3.0       # list a word unless the spelling model alone labels it right by this margin
+WORD_MARGIN = 1.0       # list a word unless the spelling model alone labels it right by this margin
+COMMON_ZIPF = 4.0       # ... and always list words this frequent (1 in 100,000 words) in some language
 UNIGRAM_FLOOR = 1e-4    # share of the unigram model spread evenly over the joint alphabet
 WORD_LAMBDA = 0.5       # weight of the word-frequency part of the word mixture
-MIN_ZIPF_SCOPE = 1.0    # keep en/sv/es words down to this Zipf frequency (1 per 100 million words)
-MIN_ZIPF_OTHER = 2.0    # keep words of the rejected languages down to this Zipf frequency
+MIN_ZIPF_TRAIN = 1.0    # en/sv/es words down to this Zipf frequency (1 per 100 million) train the model
+MIN_ZIPF_SCOPE = 1.5    # ... and those down to this one may enter the word table
+MIN_ZIPF_OTHER = 2.0    # words of the rejected languages: training and word table
 STRIP_SHARE = 0.15      # frequency given to the accent-stripped form of a word (all languages)
 ES_DELETE_SHARE = 0.3   # frequency given to the accent-deleted form of a Spanish word
 NGRAM_STEP = 0.2        # quantization step (nats) of stored n-gram log-probabilities
@@ -277,7 +287,7 @@ def delete_accents(word: str) -> str:
 
 
 _QUOTE_START = re.compile(
-    r"^\s*(>|On .{0,200} wrote:|El .{0,200} escribi[oó]:|Den .{0,200} skrev:|"
+    r"^\s*(>|On .{0,200} wrote:|El .{0,200} escribi[oó]:|Den .{0,200} skrev\b.{0,200}:\s*$|"
     r"-{2,}\s*(Original Message|Ursprungligt meddelande|Mensaje original|Forwarded message)|"
     r"(From|Från|De|Fra|Von|Sent|Skickat|Enviado):\s)", re.IGNORECASE)
 
@@ -313,6 +323,23 @@ def wordfreq_words(lang: str, min_zipf: float) -> dict[str, float]:
     return out
 
 
+def training_fingerprint() -> dict:
+    """What the model was built from: data hash, library versions, date (stored in the model)."""
+    import datetime
+    import importlib.metadata as md
+
+    h = hashlib.sha256(json.dumps(OWN_TEXT, sort_keys=True).encode())
+    files = sorted(TRAINING_DATA.glob("*.jsonl")) if TRAINING_DATA.is_dir() else []
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {
+        "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "training_files": [p.name for p in files],
+        "training_sha256": h.hexdigest(),
+        "libraries": {name: md.version(name) for name in ("wordfreq", "numpy")},
+    }
+
+
 def own_text(lang: str) -> list[str]:
     """Our hand-written lines plus labelled e-mail bodies (new text only) from training/data."""
     texts = [line for line in OWN_TEXT.get(lang, "").splitlines() if line.strip()]
@@ -331,7 +358,7 @@ def own_text(lang: str) -> list[str]:
 
 def word_distribution(lang: str, holdout: int = 0) -> dict[str, float]:
     """Frequency of each word in `lang`: wordfreq + accent-less variants + our own text."""
-    min_zipf = MIN_ZIPF_SCOPE if lang in IN_SCOPE else MIN_ZIPF_OTHER
+    min_zipf = MIN_ZIPF_TRAIN if lang in IN_SCOPE else MIN_ZIPF_OTHER
     base = wordfreq_words(lang, min_zipf)
     if holdout:
         base = {w: f for w, f in base.items() if not _holdout(w, holdout)}
@@ -517,11 +544,11 @@ def prune_char(t: dict[str, np.ndarray], theta: float, theta_ctx: float) -> dict
 
 
 def word_table(dists: dict[str, dict[str, float]], char_model: Model, margin: float) -> tuple[np.ndarray, np.ndarray]:
-    """Hashed word table: Zipf frequency per language for the words the spelling model gets wrong.
+    """Hashed word table: Zipf frequency per language for frequent words and those the spelling model misjudges.
 
-    A listed word is kept when, judged alone, the character model would give it a different
-    label (en/sv/es/other) than its listed frequencies do, or the same label by less than
-    `margin` nats; the rest the character model already decides the same way.
+    A listed word is kept when it is frequent (Zipf >= COMMON_ZIPF somewhere) or when, judged
+    alone, the character model would give it a different label (en/sv/es/other) than its listed
+    frequencies do, or the same label by less than `margin` nats.
     """
     vocab: dict[str, None] = {}
     for lang in LANGS:
@@ -554,7 +581,8 @@ def word_table(dists: dict[str, dict[str, float]], char_model: Model, margin: fl
         rows = np.arange(len(label))
         rival = alone.copy()
         rival[rows, label] = -np.inf
-        keep[start:start + step] = alone[rows, label] - rival.max(axis=1) < margin
+        # frequent words always: their frequencies are the best evidence short texts have
+        keep[start:start + step] = (alone[rows, label] - rival.max(axis=1) < margin) | (z.max(axis=1) >= COMMON_ZIPF)
     idx = np.nonzero(keep)[0]
     hashes = np.array([word_hash(words[i]) for i in idx], dtype=np.uint32)
     q = np.clip(np.round(zipf[idx] / WORD_STEP), 0, 255).astype(np.uint8)
@@ -578,6 +606,7 @@ def log(msg: str) -> None:
 def meta(alpha: Alphabet) -> dict:
     """Parameters the runtime needs, stored with the tables."""
     return {
+        "format": FORMAT,
         "version": "langid-wb5-1",
         "langs": list(LANGS),
         "alphabet": alpha.letters,
@@ -592,8 +621,8 @@ def meta(alpha: Alphabet) -> dict:
         "neutral_words": NEUTRAL_WORDS,
         "params": {
             "purity": PURITY, "char_beta": CHAR_BETA, "min_count": MIN_COUNT, "min_ctx_count": MIN_CTX_COUNT,
-            "theta_ngram": THETA_NGRAM, "theta_ctx": THETA_CTX, "word_margin": WORD_MARGIN,
-            "unigram_floor": UNIGRAM_FLOOR, "min_zipf_scope": MIN_ZIPF_SCOPE,
+            "theta_ngram": THETA_NGRAM, "theta_ctx": THETA_CTX, "word_margin": WORD_MARGIN, "common_zipf": COMMON_ZIPF,
+            "unigram_floor": UNIGRAM_FLOOR, "min_zipf_train": MIN_ZIPF_TRAIN, "min_zipf_scope": MIN_ZIPF_SCOPE,
             "min_zipf_other": MIN_ZIPF_OTHER, "strip_share": STRIP_SHARE,
             "es_delete_share": ES_DELETE_SHARE, "own_text_share": OWN_TEXT_SHARE,
         },
@@ -625,16 +654,22 @@ def assemble(alpha: Alphabet, char: dict[str, np.ndarray], dists: dict[str, dict
 
 def build(holdout: int = 0) -> dict[str, np.ndarray]:
     """All arrays of the model (holdout > 0 leaves that percentage of wordfreq words out)."""
+    fingerprint = training_fingerprint()
     dists = {lang: word_distribution(lang, holdout) for lang in LANGS}
     alpha, per_lang = count_all(dists)
     char = char_tables(alpha, per_lang)
-    files = sorted(p.name for p in TRAINING_DATA.glob("*.jsonl")) if TRAINING_DATA.is_dir() else []
-    return assemble(alpha, char, dists, {"training_files": files, "holdout_percent": holdout})
+    extra = fingerprint | {"holdout_percent": holdout,
+                           "version": f"langid-wb5-{fingerprint['training_sha256'][:8]}"}
+    return assemble(alpha, char, dists, extra)
 
 
 # ---------------------------------------------------------------------------------------------
 def dev_check(model: Model, holdout: int, n: int = 600) -> dict[str, float]:
-    """Accuracy on held-out wordfreq words and pairs (never seen by this model), per language."""
+    """Accuracy on held-out wordfreq words and pairs (left out of every language), per language.
+
+    Rejected languages count as right when the answer is `other`; their single words rarely are,
+    by design (a lone word needs clear evidence to leave en/sv/es).
+    """
     import random
 
     rng = random.Random(7)
@@ -672,7 +707,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:10s} {v:.3f}")
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, **arrays)
+    tmp = args.out.with_name(args.out.stem + ".partial.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(args.out)  # a worker loading the model never sees half a file
     t1 = time.time()
     Model.load(args.out)
     log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {t1 - t0:.0f}s; "

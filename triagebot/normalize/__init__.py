@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 from triagebot.errors import InputError
@@ -9,9 +11,39 @@ from triagebot.model import Message
 from triagebot.normalize.html import html_to_text
 from triagebot.normalize.quotes import ReplyParts, split_reply
 
-__all__ = ["ReplyParts", "html_to_text", "load_input", "message_from_text", "split_reply"]
+__all__ = ["ReplyParts", "html_to_text", "load_input", "message_from_text", "split_reply", "storable"]
 
 MAX_INPUT_BYTES = 50_000_000   # a file larger than this is not one message we can triage
+
+# PostgreSQL text (and jsonb) cannot hold NUL, and no UTF-8 encoder takes a lone surrogate; both reach us
+# from mail (a NUL byte in a body, UTF-7 or unicode-escape "charsets" that decode to "\ud800")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_TEXT_FIELDS = ("text", "subject", "message_id", "sender", "sender_name", "quoted", "signature", "channel",
+                "team_id", "ts", "thread_ts", "user_locale", "language_hint")
+
+
+def _clean(value: str) -> str:
+    return _UNSTORABLE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", value)
+
+
+def storable(message: Message) -> Message:
+    """The message with every text fit for a database, JSON and UTF-8: NUL dropped, lone surrogates as U+FFFD."""
+    changes: dict = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(message, name)
+        if isinstance(value, str) and _UNSTORABLE.search(value):
+            changes[name] = _clean(value)
+    for name in ("recipients", "in_reply_to", "references", "flags"):
+        values = getattr(message, name)
+        if any(_UNSTORABLE.search(v) for v in values):
+            changes[name] = tuple(_clean(v) for v in values)
+    if any(_UNSTORABLE.search(k) or _UNSTORABLE.search(v) for k, v in message.headers):
+        changes["headers"] = tuple((_clean(k), _clean(v)) for k, v in message.headers)
+    if any(_UNSTORABLE.search(f"{a.filename or ''}{a.content_type}{a.text or ''}") for a in message.attachments):
+        changes["attachments"] = tuple(
+            replace(a, filename=_clean(a.filename) if a.filename else a.filename, content_type=_clean(a.content_type),
+                    text=_clean(a.text) if a.text else a.text) for a in message.attachments)
+    return replace(message, **changes) if changes else message
 
 
 def message_from_text(channel: str, subject: str | None, body: str, html: bool = False,
@@ -33,8 +65,8 @@ def message_from_text(channel: str, subject: str | None, body: str, html: bool =
     if not parts.new.strip():
         flags.append("no_text")
     hdrs = tuple((str(k), str(v)) for k, v in (headers or {}).items())
-    return Message(source=source, text=parts.new, subject=subject, headers=hdrs, quoted=parts.quoted,
-                   signature=parts.signature, flags=tuple(flags))
+    return storable(Message(source=source, text=parts.new, subject=subject, headers=hdrs, quoted=parts.quoted,
+                            signature=parts.signature, flags=tuple(flags)))
 
 
 def load_input(path: Path) -> Message:
@@ -68,6 +100,8 @@ def _load_json(raw: bytes) -> Message:
         raise InputError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise InputError("not valid JSON: nested too deeply") from None
+    except ValueError as e:   # an integer of more than 4,300 digits (Python's int conversion limit)
+        raise InputError(f"not valid JSON: {e}") from None
     if not isinstance(payload, dict):
         raise InputError(f"not valid JSON: expected an object, got {type(payload).__name__}")
     return parse_slack(payload)

@@ -22,6 +22,7 @@ from email.utils import getaddresses, parseaddr, parsedate_to_datetime
 
 from triagebot.errors import InputError
 from triagebot.model import Attachment, Message
+from triagebot.normalize import storable
 from triagebot.normalize.attachments import extract_text, is_attachment
 from triagebot.normalize.html import html_to_text
 from triagebot.normalize.quotes import split_reply
@@ -96,7 +97,7 @@ def _norm_charset(charset: str | None) -> str:
         return ""
     try:
         return codecs.lookup(cs).name
-    except LookupError:
+    except (LookupError, ValueError):   # ValueError: a NUL in the label ("embedded null character")
         return ""
 
 
@@ -473,13 +474,16 @@ def parse_email(raw: bytes) -> Message:
         raise InputError("not an email: expected bytes")
     raw, cut = _bound(_looks_like_email(bytes(raw)))
     try:
-        return _parse(raw, cut)
+        return storable(_parse(raw, cut))
     except InputError:
         raise
     except RecursionError:
         raise InputError("not an email: MIME nested too deeply") from None
     except Exception as e:  # noqa: BLE001 - unexpected parser failure: fall back to the readable text
-        return _fallback(raw, e)
+        try:
+            return storable(_fallback(raw, e))
+        except Exception as e2:  # noqa: BLE001 - the fallback tripped too: the content, not the system, is bad
+            raise InputError(f"not an email: unreadable ({type(e).__name__}, then {type(e2).__name__})") from None
 
 
 def _fallback(raw: bytes, error: Exception) -> Message:

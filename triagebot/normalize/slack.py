@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 from triagebot.errors import InputError
 from triagebot.model import Attachment, Message
+from triagebot.normalize import storable
 
 MAX_TEXT = 200_000     # characters of Slack text kept (Slack itself caps messages at 40,000)
 MAX_FILES = 50
@@ -50,7 +51,9 @@ def _angle(match: re.Match) -> str:
 
 def mrkdwn_to_text(text: str) -> str:
     """Plain text from Slack mrkdwn: control sequences, emphasis, code and HTML entities resolved."""
-    text = text[:MAX_TEXT]
+    # NUL marks our code placeholders below; one in the text itself ("\u00009\u0000" in the JSON) would be
+    # read as a placeholder (IndexError, or someone else's code block put in its place). NUL is never text.
+    text = text[:MAX_TEXT].replace("\x00", "")
     saved: list[str] = []
 
     def keep(m: re.Match) -> str:
@@ -99,7 +102,11 @@ def _rich_text(blocks: list) -> str:
 
 
 def _str(value: object) -> str | None:
-    return str(value) if isinstance(value, (str, int, float)) and str(value) else None
+    if not isinstance(value, (str, int, float)):
+        return None
+    if isinstance(value, int) and abs(value) >= 10 ** 100:
+        return None   # str() of an integer of 4,300+ digits raises; no Slack id or ts is that long
+    return str(value) or None
 
 
 def parse_slack(payload: dict) -> Message:
@@ -153,7 +160,7 @@ def parse_slack(payload: dict) -> Message:
         date = datetime.fromtimestamp(float(ts), tz=timezone.utc)
     except (ValueError, OverflowError, OSError):
         date = None
-    return Message(
+    return storable(Message(
         source="slack",
         text=text,
         subject=None,
@@ -168,4 +175,4 @@ def parse_slack(payload: dict) -> Message:
         thread_ts=_str(event.get("thread_ts")),
         user_locale=_str(event.get("user_locale")),
         flags=tuple(flags),
-    )
+    ))

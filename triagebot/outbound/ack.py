@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -87,6 +88,26 @@ def _compile(path: Path, line: int | None, pattern: str, what: str, whole: bool 
         raise RuleError(path, line, f"{what}: not a valid regular expression: {e}") from None
 
 
+def _suppress_lines(path: Path) -> dict[str, int]:
+    """Line numbers (1-based) of the suppress entries and the cap, for error messages."""
+    root = yaml.compose(path.read_text(encoding="utf-8"))
+    lines: dict[str, int] = {}
+    if not isinstance(root, yaml.MappingNode):
+        return lines
+    for key, value in root.value:
+        lines[key.value] = key.start_mark.line + 1
+        if key.value != "suppress" or not isinstance(value, yaml.MappingNode):
+            continue
+        for k, v in value.value:
+            if k.value == "local_parts" and isinstance(v, yaml.SequenceNode):
+                for i, item in enumerate(v.value):
+                    lines[f"local_parts.{i}"] = item.start_mark.line + 1
+            elif k.value == "headers" and isinstance(v, yaml.MappingNode):
+                for hk, hv in v.value:
+                    lines[f"headers.{hk.value}"] = hv.start_mark.line + 1
+    return lines
+
+
 @lru_cache(maxsize=4)
 def load_rules(rules_dir: Path | None = None) -> AckRules:
     """Read and check rules/ack_templates.yaml; RuleError names the file and line of a mistake."""
@@ -116,14 +137,19 @@ def load_rules(rules_dir: Path | None = None) -> AckRules:
         templates[value["language"]] = Template(**{f: value[f] for f in FIELDS})
     if DEFAULT_LANGUAGE not in templates:
         raise RuleError(path, None, f"no template for {DEFAULT_LANGUAGE!r}, the language of last resort")
+    lines = _suppress_lines(path)
     suppress = data.get("suppress") or {}
-    local_parts = tuple(_compile(path, None, p, "suppress.local_parts", whole=True)
-                        for p in suppress.get("local_parts") or [])
-    headers = tuple((str(name).lower(), _compile(path, None, str(p), f"suppress.headers.{name}"))
+    if not isinstance(suppress, dict):
+        raise RuleError(path, lines.get("suppress"), "suppress must be a mapping with local_parts and headers")
+    local_parts = tuple(_compile(path, lines.get(f"local_parts.{i}"), str(p), "suppress.local_parts", whole=True)
+                        for i, p in enumerate(suppress.get("local_parts") or []))
+    headers = tuple((str(name).lower(), _compile(path, lines.get(f"headers.{name}"), str(p),
+                                                 f"suppress.headers.{name}"))
                     for name, p in (suppress.get("headers") or {}).items())
     cap = data.get("max_per_sender_per_day", 20)
-    if not isinstance(cap, int) or cap < 1:
-        raise RuleError(path, None, "max_per_sender_per_day must be a whole number of at least 1")
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        raise RuleError(path, lines.get("max_per_sender_per_day"),
+                        "max_per_sender_per_day must be a whole number of at least 1")
     return AckRules(templates, local_parts, headers, cap)
 
 

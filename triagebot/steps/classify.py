@@ -25,6 +25,11 @@ class ClassifyStep:
         # the handle re-reads models/registry.json every few seconds, so a promotion needs no restart
         self.handle = handle or ModelHandle(directory)
 
+    def warm_up(self) -> str | None:
+        """Load the promoted model now (at worker start) rather than on the first message; its version."""
+        loaded = self.handle.get()
+        return loaded.version if loaded else None
+
     def __call__(self, message: Message, triage: Triage) -> Triage:
         if triage.disposition != "case":
             return triage.note(self.name, "skipped", f"disposition {triage.disposition}")

@@ -28,6 +28,7 @@ LANGUAGE_TOKEN = "zzlang{}"
 # Long pastes (modem logs, CSV lists) add little beyond their start and would make one message cost many
 # times the typical one; the cut keeps classification time bounded.
 MAX_CHARS = 4000
+MAX_VOCAB = 200_000
 
 # Placeholders are plain lower-case words so the spaCy tokenizer keeps them whole.
 _PREPASS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -87,11 +88,13 @@ def get_nlp(language: str) -> Language:
     """The cached spaCy blank pipeline for a language ("xx" for other languages) with our tokenizer rules."""
     lang = language if language in LEMMA_LANGUAGES else "xx"
     nlp = _nlp_cache.get(lang)
-    if nlp is not None:
+    # a spaCy vocab keeps every string it has seen: in a worker running for months that grows without
+    # bound, so a pipeline is replaced by a fresh one once it holds MAX_VOCAB entries
+    if nlp is not None and len(nlp.vocab) < MAX_VOCAB:
         return nlp
     with _nlp_lock:
         nlp = _nlp_cache.get(lang)
-        if nlp is None:
+        if nlp is None or len(nlp.vocab) >= MAX_VOCAB:
             nlp = spacy.blank(lang)
             nlp.tokenizer = Tokenizer(nlp.vocab, **_tokenizer_rules())
             _nlp_cache[lang] = nlp

@@ -176,7 +176,12 @@ class Registry:
 
         created = utc_now()
         data_hash = str(card.get("training_data", {}).get("hash", ""))
-        version = version or f"{created.strftime('%Y%m%dT%H%M%SZ')}-{(data_hash or os.urandom(4).hex())[:8]}"
+        if version is None:
+            base = f"{created.strftime('%Y%m%dT%H%M%SZ')}-{(data_hash or os.urandom(4).hex())[:8]}"
+            version, n = base, 1
+            while (self.dir / version).exists():   # two runs on the same data within one second
+                n += 1
+                version = f"{base}-{n}"
         final = self.dir / version
         if final.exists():
             raise ModelError(f"{final}: version exists already")
@@ -334,7 +339,10 @@ class ModelHandle:
                 version = registry.promoted()
                 if version and (self._loaded is None or self._loaded.version != version):
                     started = time.perf_counter()
-                    self._loaded = registry.load(version)
+                    fresh = registry.load(version)
+                    # ready before it is swapped in: the message after a promotion pays no start-up cost
+                    fresh.model.warm_up()
+                    self._loaded = fresh
                     log.info("loaded model %s in %.2f s", version, time.perf_counter() - started)
                 elif not version:
                     self._loaded = None

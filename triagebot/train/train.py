@@ -139,6 +139,7 @@ def train(data_dir: Path | str = DATA_DIR, feedback: Iterable[ds.LabelledExample
                 "languages_train": _counts(lang_train), "languages_test": _counts(lang_test),
             },
             "input": "language + subject + '\\n' + Message.text (normalized new text) via features.model_text",
+            "features": _feature_summary(model),
             "labels": {lab: {"classes": model.classes_[lab], "head": heads[lab],
                              "train_counts": _counts(v for v in Y_train[lab] if v is not None)} for lab in LABELS},
             "metrics": {
@@ -162,6 +163,17 @@ def train(data_dir: Path | str = DATA_DIR, feedback: Iterable[ds.LabelledExample
     log.info("trained %s: held-out macro-F1 %.3f; %s", version, score, reason)
     return TrainResult(version, promote, reason, score, current_version, current_score, heads,
                        card["metrics"], registry.card(version), time.time() - started)
+
+
+def _feature_summary(model: TriageClassifier) -> dict[str, Any]:
+    """The feature settings and sizes, for the card."""
+    out: dict[str, Any] = {"analyser": "spaCy blank tokenizer (punctuation rules) + spacy-lookups-data lemma_lookup",
+                           "lemma_entries": {k: len(v) for k, v in model.features_.named_steps["analyse"].lemmas_.items()}}
+    for name, vec in model.features_.named_steps["tfidf"].transformer_list:
+        out[name] = {"analyzer": vec.analyzer, "ngram_range": list(vec.ngram_range), "min_df": vec.min_df,
+                     "max_features": vec.max_features, "sublinear_tf": vec.sublinear_tf,
+                     "n_features": len(vec.vocabulary_)}
+    return out
 
 
 def _counts(values: Iterable[Any]) -> dict[str, int]:
