@@ -276,7 +276,7 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
 
 # Admin commands that read or change stored data and are audited by main(); purge, export and forget
 # record their own audit rows, with their results.
-AUDITED_COMMANDS = ("status", "requeue")
+AUDITED_COMMANDS = ("status", "requeue", "train", "models")
 
 
 def _audit_command(args: argparse.Namespace, settings: Settings) -> None:
@@ -286,6 +286,28 @@ def _audit_command(args: argparse.Namespace, settings: Settings) -> None:
     options = {k: v for k, v in vars(args).items()
                if k not in ("func", "command", "config", "verbose", "actor") and isinstance(v, (str, int, bool, list))}
     privacy.audit(sessions, privacy.admin_actor(args.actor), args.command, None, {"args": options})
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    """Retrain the classifiers from training/ plus the agents' corrections in the database."""
+    from triagebot.agents.feedback import feedback_rows
+    from triagebot.db.engine import open_db
+    from triagebot.train import cli_train
+    _engine, sessions = open_db(settings.database_url)
+    return cli_train(models_dir=settings.models_dir, feedback_rows=feedback_rows(sessions), force=args.force,
+                     select=not args.no_select)
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    """Write the evaluation report (HTML with confusion matrices, plus JSON)."""
+    from triagebot.train import cli_evaluate
+    return cli_evaluate(args.out, models_dir=settings.models_dir, version=args.version, cv=not args.no_cv)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    """List model versions, promote one, or roll back."""
+    from triagebot.train import cli_models
+    return cli_models(args.action, args.version, models_dir=settings.models_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,6 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("slack", help="run the Slack app over Socket Mode (instead of HTTP on the web process)")
     s.set_defaults(func=cmd_slack)
+
+    s = sub.add_parser("train", help="retrain the classifiers (training/ plus agents' corrections)")
+    s.add_argument("--force", action="store_true", help="promote even if it scores worse on the held-out split")
+    s.add_argument("--no-select", action="store_true", help="skip model selection by cross-validation")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="write the evaluation report")
+    s.add_argument("out", nargs="?", default="reports")
+    s.add_argument("--version")
+    s.add_argument("--no-cv", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("models", help="list model versions, promote one, roll back")
+    s.add_argument("action", nargs="?", default="list", choices=("list", "promote", "rollback"))
+    s.add_argument("version", nargs="?")
+    s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("migrate", help="create or upgrade the database schema")
     s.set_defaults(func=cmd_migrate)
