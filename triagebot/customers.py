@@ -15,7 +15,7 @@ from typing import Iterable
 import yaml
 
 from triagebot.model import Message
-from triagebot.rules_loader import RuleError, rules_path
+from triagebot.rules_loader import compose, RuleError, rules_path
 
 CUSTOMERS_FILE = "customers.yaml"
 FREEMAIL_FILE = "freemail.txt"
@@ -120,12 +120,7 @@ def _customer(path: Path, node: yaml.Node) -> tuple[Customer, dict[str, int]]:
 
 def load_customers(path: Path) -> tuple[Customer, ...]:
     """The customers of a registry file, validated; duplicates of names, domains or contacts are errors."""
-    if not path.exists():
-        raise RuleError(path, None, "rule file is missing")
-    try:
-        root = yaml.compose(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as e:
-        raise RuleError(path, e.problem_mark.line + 1 if e.problem_mark else None, f"YAML error: {e.problem}") from None
+    root = compose(path)
     if root is None:
         return ()
     if not isinstance(root, yaml.MappingNode):

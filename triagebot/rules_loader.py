@@ -59,13 +59,20 @@ def load_yaml(path: Path) -> Any:
         raise RuleError(path, line, f"YAML error: {e.problem}") from None
 
 
-def load_yaml_items(path: Path, key: str | None = None) -> list[Item]:
-    """The entries of a YAML list (top level, or under `key`), each with its line number."""
+def compose(path: Path) -> yaml.Node | None:
+    """A rule file's YAML node tree (with line marks); a missing file or a syntax error is a RuleError."""
+    if not path.exists():
+        raise RuleError(path, None, "rule file is missing")
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8"))
+        return yaml.compose(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
         raise RuleError(path, line, f"YAML error: {e.problem}") from None
+
+
+def load_yaml_items(path: Path, key: str | None = None) -> list[Item]:
+    """The entries of a YAML list (top level, or under `key`), each with its line number."""
+    root = compose(path)
     node = root
     if key is not None:
         if not isinstance(root, yaml.MappingNode):

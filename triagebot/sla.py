@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from triagebot.model import CATEGORIES, LANGUAGES, SEVERITIES
-from triagebot.rules_loader import RuleError, load_yaml, load_yaml_items, rules_path
+from triagebot.rules_loader import compose, RuleError, load_yaml, load_yaml_items, rules_path
 
 SLA_FILE = "sla.yaml"
 HOLIDAYS_FILE = "holidays.yaml"
@@ -164,12 +164,7 @@ def load_holidays(path: Path) -> dict[str, dict[date, str]]:
     Read from the YAML nodes as plain text, so an impossible date ("2026-06-31") is reported with its line
     instead of failing inside the YAML date constructor.
     """
-    if not path.exists():
-        raise RuleError(path, None, "rule file is missing")
-    try:
-        root = yaml.compose(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as e:
-        raise RuleError(path, e.problem_mark.line + 1 if e.problem_mark else None, f"YAML error: {e.problem}") from None
+    root = compose(path)
     seq = [v for k, v in root.value if k.value == "holidays"] if isinstance(root, yaml.MappingNode) else []
     if not seq or not isinstance(seq[0], yaml.SequenceNode):
         raise RuleError(path, 1, "expected a list under 'holidays'")
