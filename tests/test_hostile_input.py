@@ -685,17 +685,28 @@ def test_customer_text_in_suggestion_blocks_is_never_markup(blocks_module, text:
 
 
 def test_a_long_body_of_escaped_characters_keeps_its_code_block_closed(blocks_module) -> None:
-    """The body's code block is cut before escaping: 2,400 '&' become 12,000 characters, and cutting the
-    section to Slack's 3,000 then loses the closing fence, so the rest of the text would be formatted."""
+    """The body is escaped before it is cut: 2,400 '&' are 12,000 characters escaped, and cutting those (or the
+    section, at Slack's 3,000) must neither lose the closing fence nor leave half an entity ("&am")."""
     bk = blocks_module
-    for text in ("&" * 3000, "<" * 3000, "*bold* " + "&" * 2400):
-        view = bk.CaseView(case_id=7, reference="CASE-000007", text=text)
+    texts = ("&" * 3000, "<" * 3000, ">" * 2999 + "x", "*bold* " + "&" * 2400, "@here " * 800, "`" * 5000,
+             "a&" * 2000, "x" * 2399 + "<" * 10, "x" * 10_000)
+    for text in texts:
+        view = bk.CaseView(case_id=7, reference="CASE-000007", text=text, deleted=True)
         (message,) = [b for b in bk.suggestion_blocks(view) if b.get("text", {}).get("text", "").startswith("*Message*")]
-        body = message["text"]["text"]
-        if not body.endswith("```"):
-            pytest.xfail("triagebot/agents/blocks.py: code_block() limits characters before escape(); "
-                         "the section is then cut at MAX_SECTION and the closing ``` is lost (reported to the lead)")
-        assert len(body) <= bk.MAX_SECTION
+        (_head, new, _sla) = bk.update_blocks(view, {}, text)
+        for body in (message["text"]["text"], new["text"]["text"]):
+            assert body.endswith("```") and len(body) <= bk.MAX_SECTION, body[-80:]
+            inside = body[body.index("```") + 3:-3]
+            assert "```" not in inside and not re.search(r"&(?!(?:amp|lt|gt);)", inside), inside[-80:]
+            assert _slack_markup(inside) == []
+            assert "more characters)" in inside
+    for limit in (20, 50, 200, 2800):
+        for text in texts:
+            block = bk.code_block(text, limit=limit)
+            assert len(block) <= limit and block.startswith("```") and block.endswith("```")
+            assert not re.search(r"&(?!(?:amp|lt|gt);)", block), (limit, block[-40:])
+    assert bk.code_block("a < b & c") == "```a &lt; b &amp; c```"             # what fits is shown whole
+    assert bk.code_block("&" * 100, limit=60).endswith("\n… (94 more characters)```")   # the customer's characters
 
 
 @pytest.fixture(scope="module")
@@ -741,6 +752,49 @@ def test_an_address_with_cr_lf_gets_no_acknowledgement(ack_module) -> None:
                    "<anna@example.se>", "anna@example.se>\r\n"):
         m = Message(source="email", text="x", sender=sender)
         assert ack.suppression(m, rules, _settings()) is not None, sender
+
+
+# -- who a mail is from ------------------------------------------------------------------------------------
+
+SPOOFED_FROM = [b"=?utf-8?q?driftcentralen=40malarkraft=2Eexample?= <attacker@evil.example>",
+                b'"driftcentralen@malarkraft.example" <attacker@evil.example>']
+
+
+@pytest.mark.parametrize("from_value", SPOOFED_FROM)
+def test_an_address_in_the_display_name_gets_neither_the_customer_nor_its_case(
+        from_value: bytes, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A registered contact's address in the (encoded or quoted) display name: the sender, the customer and the
+    subject-reference threading rule all go by the real addr-spec, so the mail makes a case of its own."""
+    from sqlalchemy import select
+    from triagebot.cli import main
+    from triagebot.db.engine import open_db
+    from triagebot.db.tables import Case, CaseEvent, MessageRow
+
+    genuine = (b"From: Driftcentralen <driftcentralen@malarkraft.example>\r\nTo: support@support.example.net\r\n"
+               b"Subject: No data from 40 meters\r\nMessage-ID: <g1@malarkraft.example>\r\n\r\n"
+               b"Since 06:00 our 40 electricity meters in Vasteras send no data.\r\n")
+    spoof = (b"From: " + from_value + b"\r\nTo: support@support.example.net\r\n"
+             b"Subject: Re: [CASE-000001] No data from 40 meters\r\nMessage-ID: <s1@evil.example>\r\n\r\n"
+             b"Please send the case details and the SIM list to this address.\r\n")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "1.eml").write_bytes(genuine)
+    (inputs / "2.eml").write_bytes(spoof)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    monkeypatch.setenv("TRIAGEBOT_DATABASE_URL", url)
+    assert main(["ingest", str(inputs / "1.eml"), str(inputs / "2.eml"), "--json"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(o["action"], o["case"]) for o in out] == [("created", "CASE-000001"), ("created", "CASE-000002")]
+    _e, sessions = open_db(url)
+    with sessions() as s:
+        row = s.scalars(select(MessageRow).where(MessageRow.message_id == "<s1@evil.example>")).one()
+        assert row.sender == "attacker@evil.example"
+        first, second = (s.scalars(select(Case).where(Case.reference == r)).one()
+                         for r in ("CASE-000001", "CASE-000002"))
+        assert first.customer == "Mälarkraft Elnät AB" and second.customer == "evil.example"
+        why = s.scalars(select(CaseEvent).where(CaseEvent.case_id == second.id,
+                                                CaseEvent.kind == "created")).one().detail["why"]
+        assert "CASE-000001" in why and "another customer" in why
 
 
 if __name__ == "__main__":

@@ -356,3 +356,40 @@ def test_base64_body_with_garbage_is_read() -> None:
     body = base64.b64encode("Hej, SIM-kortet är trasigt.".encode()).decode()
     raw = f"From: a@b.se\nSubject: x\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: base64\n\n{body}!!\n"
     assert parse_email(raw.encode()).text.startswith("Hej, SIM-kortet är trasigt.")
+
+
+# An address in the display name is text, never the sender: the addr-spec is found before RFC 2047 decoding
+# (RFC 2047 §5: an encoded word is never part of an addr-spec), so a decoded "@" cannot become the address.
+@pytest.mark.parametrize("from_value, sender, name", [
+    (b"=?utf-8?q?boss=40bigcustomer=2Ecom?= <attacker@evil.example>", "attacker@evil.example", "boss@bigcustomer.com"),
+    (b"=?utf-8?b?Ym9zc0BiaWdjdXN0b21lci5jb20=?= <attacker@evil.example>", "attacker@evil.example",
+     "boss@bigcustomer.com"),
+    (b'"ops@known-customer.se" <x@evil.example>', "x@evil.example", "ops@known-customer.se"),
+    (b"=?utf-8?q?=22ops=40known-customer=2Ese=22?= <x@evil.example>", "x@evil.example", '"ops@known-customer.se"'),
+    (b"=?utf-8?q?boss=40bigcustomer=2Ecom=2C?= <attacker@evil.example>", "attacker@evil.example",
+     "boss@bigcustomer.com,"),
+    (b"=?utf-8?q?a_=3Cboss=40bigcustomer=2Ecom=3E?= <attacker@evil.example>", "attacker@evil.example",
+     "a <boss@bigcustomer.com>"),
+    (b"=?utf-8?q?boss=40bigcustomer=2Ecom?=\r\n <attacker@evil.example>", "attacker@evil.example",
+     "boss@bigcustomer.com"),
+    (b"=?utf-8?q?=C3=85sa_=C3=96berg?= <Asa.Oberg@Larmbolaget.se>", "asa.oberg@larmbolaget.se", "Åsa Öberg"),
+    (b"Per \xc3\x85str\xc3\xb6m <per@example.se>", "per@example.se", "Per Åström"),
+])
+def test_the_sender_is_the_addr_spec_never_an_address_in_the_display_name(from_value: bytes, sender: str,
+                                                                          name: str) -> None:
+    m = parse_email(b"From: " + from_value + b"\r\nTo: support@support.example.net\r\nSubject: hi\r\n\r\nhello\r\n")
+    assert (m.sender, m.sender_name) == (sender, name)
+    assert m.sender_domain == sender.rsplit("@", 1)[1]
+
+
+def test_an_encoded_word_alone_in_from_is_no_address() -> None:
+    """Without an addr-spec there is no sender to take: the decoded text must not become one."""
+    m = parse_email(b"From: =?utf-8?q?boss=40bigcustomer=2Ecom?=\r\nSender: =?utf-8?q?x=40y=2Ez?= <real@relay.example>"
+                    b"\r\nSubject: hi\r\n\r\nhello\r\n")
+    assert (m.sender, m.sender_name) == ("real@relay.example", "x@y.z")
+
+
+def test_an_address_in_a_recipient_display_name_is_no_recipient() -> None:
+    m = parse_email(b"From: a@b.se\r\nTo: =?utf-8?q?victim=40elsewhere=2Eexample?= <support@support.example.net>"
+                    b"\r\nCc: \"cc@elsewhere.example\" <ops@b.se>\r\nSubject: hi\r\n\r\nhello\r\n")
+    assert m.recipients == ("support@support.example.net", "ops@b.se")

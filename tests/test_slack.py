@@ -649,6 +649,55 @@ def test_send_the_suggested_reply_to_a_mail_customer(env, relay):
             assert s.get(ThreadKey, f"msgid:{outbox[0].message_id.lower()}").case_id == case.id
     else:
         assert kind == "reply_recorded" and outbox == []
+    from triagebot.db.tables import Audit
+    with env.sessions() as s:
+        [row] = s.scalars(select(Audit)).all()
+    assert (row.actor, row.action, row.target) == (f"slack:{AGENT}", "send_reply", case.reference)
+    assert row.detail["reply_via"] == ("email" if relay else "recorded")
+
+
+def test_every_agent_access_is_in_the_audit_trail(env):
+    """Viewing a case, correcting its labels, accepting, escalating, merging and replying: one audit row each,
+    by the agent, naming the case (data protection: who saw or changed what, and when)."""
+    from triagebot.db.tables import Audit
+    first = new_case(env, "The SIM in alarm panel 7 does not register.")
+    case = new_case(env, "How do I set the APN on our routers?")
+    actor = f"slack:{AGENT}"
+
+    def audited() -> list[tuple]:
+        with env.sessions() as s:
+            return [(a.actor, a.action, a.target) for a in s.scalars(select(Audit).order_by(Audit.id))]
+
+    assert audited() == []                                          # the bot's own work is no agent access
+    assert env.command("/case", case.reference)[0] == OK
+    assert audited() == [(actor, "view_case", case.reference)]
+    assert env.command("/case", "CASE-424242")[0] == OK              # no case: nothing was seen
+    assert len(audited()) == 1
+
+    new = "sms" if case.service != "sms" else "voice"
+    select_service = {"type": "static_select", "action_id": "tb_service", "block_id": f"tb_labels:{case.id}",
+                      "selected_option": {"text": {"type": "plain_text", "text": new}, "value": new}, "action_ts": "1"}
+    button = {"type": "button", "block_id": "b", "value": str(case.id), "action_ts": "1"}
+    for payload in (select_service, {**button, "action_id": "tb_accept"}, {**button, "action_id": "tb_escalate"},
+                    {**button, "action_id": "tb_send_reply"}):
+        assert env.interact(env.agent_payload(payload, case))[0] == OK
+    merge = {"type": "button", "action_id": "tb_merge", "block_id": "b", "value": str(first.id), "action_ts": "1"}
+    assert env.interact(env.agent_payload(merge, first))[0] == OK
+    modal = env.fake.wait_for("views.open")[0]
+    view = {**modal["view"], "id": "V0MODAL", "state": {"values": {"tb_merge_target": {
+        "tb_merge_reference": {"type": "plain_text_input", "value": case.reference}}}}}
+    assert env.interact({"type": "view_submission", "team": {"id": OUR_TEAM}, "api_app_id": "A0APP",
+                         "user": {"id": AGENT, "team_id": OUR_TEAM}, "token": "x", "trigger_id": "1.3",
+                         "view": view})[0] == OK
+    assert audited() == [(actor, "view_case", case.reference), (actor, "relabel", case.reference),
+                         (actor, "accept", case.reference), (actor, "escalate", case.reference),
+                         (actor, "send_reply", case.reference), (actor, "merge", first.reference)]
+    with env.sessions() as s:
+        rows = list(s.scalars(select(Audit).order_by(Audit.id)))
+    assert rows[0].detail == {"via": "/case"}
+    assert rows[1].detail == {"via": "slack", "field": "service", "old": case.service, "new": new}
+    assert rows[4].detail["via"] == "slack" and rows[4].detail["reply_via"] == "slack"
+    assert rows[5].detail["into"] == case.reference
 
 
 # -- slash commands -----------------------------------------------------------------------------------------

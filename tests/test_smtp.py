@@ -107,3 +107,37 @@ def test_per_client_connection_limit_answers_421(listener):
     finally:
         for c in clients:
             c.quit()
+
+
+def test_with_a_key_the_stored_row_is_sealed_and_the_worker_still_processes_it(db_url):
+    """SMTP intake seals raw mail at rest exactly as queue.enqueue does (TRIAGEBOT_ENCRYPTION_KEY)."""
+    from triagebot import crypto
+    from triagebot.db import queue
+    from triagebot.db.tables import MessageRow
+    from triagebot.worker import Worker
+
+    key = crypto.generate_key()
+    settings = Settings(database_url=db_url, smtp_port=free_port(), mail_domains=("support.example.net",),
+                        encryption_key=key)
+    with crypto.using(key):
+        controller, writer = build_controller(settings)
+        controller.start()
+        try:
+            with smtplib.SMTP(settings.smtp_host, settings.smtp_port) as c:
+                assert c.sendmail("a@customer.example", ["support@support.example.net"], MAIL) == {}
+        finally:
+            controller.stop()
+            writer.shutdown()
+        _e, sessions = open_db(settings.database_url)
+        with sessions() as s:
+            [row] = s.scalars(select(Intake)).all()
+        raw = bytes(row.raw)
+        assert crypto.is_sealed(raw)
+        for plain in (b"a@customer.example", b"no data on 3 meters", b"Subject: hi"):
+            assert plain not in raw
+        assert row.content_hash == queue.content_hash(MAIL)   # of the plaintext, as enqueue computes it
+        Worker(settings).run(until_empty=True)
+        with sessions() as s:
+            row = s.get(Intake, row.id)
+            [msg] = s.scalars(select(MessageRow)).all()
+        assert row.state == queue.DONE and msg.intake_id == row.id and msg.sender == "a@customer.example"

@@ -1,4 +1,8 @@
-"""`triagebot run`: the whole bot on one machine (SMTP listener, web process, worker), like the Procfile.
+"""`triagebot run`: the whole bot on one machine, the Procfile's processes as children.
+
+Always the SMTP listener, the web process and one worker; the IMAP poller when an IMAP host is set
+(TRIAGEBOT_IMAP_HOST) and the outgoing-mail sender when a relay is (TRIAGEBOT_RELAY_HOST). Each child gets
+these settings in its environment, so it runs with exactly them, those from a TOML file included.
 
 With --demo it also feeds the bundled sample messages through the real listeners (mail by SMTP,
 Slack events as signed HTTP requests) and prints the cases as the worker creates them.
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import fields, replace
 from pathlib import Path
 
 from sqlalchemy import select
@@ -79,26 +84,60 @@ def show_progress(settings: Settings, seen: set[int]) -> None:
             print(f"  case   {where} {labels}  «{(m.subject or m.text)[:50]}»", flush=True)
 
 
+def commands(settings: Settings) -> dict[str, list[str]]:
+    """The processes to start, as in the Procfile: IMAP only with an IMAP host, the sender only with a relay."""
+    cmds = {"smtp": ["smtp"], "web": ["web"], "worker": ["worker"]}
+    if settings.imap_host:
+        cmds["imap"] = ["imap"]
+    if settings.relay_host:
+        cmds["sender"] = ["sender"]
+    return cmds
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def child_env(settings: Settings, base: dict[str, str]) -> dict[str, str]:
+    """The environment of a child process: the base one with every setting as the variable Settings.load reads."""
+    env = dict(base)
+    env.pop("TRIAGEBOT_CONFIG", None)   # every value is in the environment now, TOML ones included
+    for f in fields(Settings):
+        # SLACK_* are read after TRIAGEBOT_SLACK_* and win (settings.py): set the name that wins
+        key = f.name.upper() if f.name.startswith("slack_") else f"TRIAGEBOT_{f.name.upper()}"
+        value = getattr(settings, f.name)
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = _env_value(value)
+    return env
+
+
 def run(settings: Settings, demo: bool = False) -> int:
-    """Start smtp, web and worker as child processes; stop them all on Ctrl-C or SIGTERM."""
-    env = dict(os.environ)
-    secret = env.get("SLACK_SIGNING_SECRET") or secrets.token_hex(16)
-    env.setdefault("SLACK_SIGNING_SECRET", secret)
-    env.setdefault("TRIAGEBOT_DATABASE_URL", settings.database_url)
+    """Start the Procfile's processes the settings call for as children; stop them all on Ctrl-C or SIGTERM."""
+    # the demo signs its Slack events: with the configured secret, else with one made up for this run
+    secret = settings.slack_signing_secret or secrets.token_hex(16)
+    settings = replace(settings, slack_signing_secret=secret)
+    env = child_env(settings, dict(os.environ))
     from triagebot.db.engine import open_db
     open_db(settings.database_url)  # migrate once, before the children start
     exe = [sys.executable, "-m", "triagebot.cli"]
-    procs = {
-        "smtp": subprocess.Popen(exe + ["smtp"], env=env),
-        "web": subprocess.Popen(exe + ["web"], env=env),
-        "worker": subprocess.Popen(exe + ["worker"], env=env),
-    }
+    procs = {name: subprocess.Popen(exe + argv, env=env) for name, argv in commands(settings).items()}
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
         ok = _wait_port(settings.smtp_host, settings.smtp_port) and _wait_port(settings.web_host, settings.web_port)
         print(f"triagebot running: SMTP {settings.smtp_host}:{settings.smtp_port}, "
               f"web http://{settings.web_host}:{settings.web_port}, database {settings.database_url}", flush=True)
+        if "imap" in procs:
+            print(f"  IMAP poller: {settings.imap_host}:{settings.imap_port}, "
+                  f"mailboxes {', '.join(settings.imap_mailboxes)}", flush=True)
+        if "sender" in procs:
+            print(f"  outgoing mail through {settings.relay_host}:{settings.relay_port}", flush=True)
         if not ok:
             print("a listener did not come up; see the messages above", file=sys.stderr)
             return 1

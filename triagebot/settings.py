@@ -9,8 +9,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# a list setting whose values are compared case-insensitively (domain names, RFC 5321 §2.4) carries this in its
+# field metadata and is lowercased on load; the others (IMAP mailbox names, RFC 3501 §5.1) keep their case
+CASE_INSENSITIVE = {"case_insensitive": True}
+
+
 def _split(v: str) -> tuple[str, ...]:
-    return tuple(x.strip().lower() for x in v.split(",") if x.strip())
+    """A comma-separated list, each item stripped, empty items dropped; the case is kept."""
+    return tuple(x.strip() for x in v.split(",") if x.strip())
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,7 @@ class Settings:
     rules_dir: Path = ROOT / "rules"
     models_dir: Path = ROOT / "models"
     # mail intake
-    mail_domains: tuple[str, ...] = ("support.example.net", "localhost")
+    mail_domains: tuple[str, ...] = field(default=("support.example.net", "localhost"), metadata=CASE_INSENSITIVE)
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 8025
     smtp_max_size: int = 25 * 1024 * 1024
@@ -29,6 +35,7 @@ class Settings:
     smtp_tls_key: str | None = None
     smtp_auth_users: str | None = None
     smtp_max_connections_per_client: int = 20
+    smtp_max_messages_per_minute: int = 6000           # per client address; over it MAIL gets 421
     imap_host: str | None = None
     imap_port: int = 993
     imap_ssl: bool = True
@@ -36,6 +43,8 @@ class Settings:
     imap_password: str | None = None
     imap_mailboxes: tuple[str, ...] = ("INBOX",)
     imap_poll_seconds: float = 30.0
+    # stored mail is moved here (created if missing) instead of being marked read; `imap --move-to` overrides it
+    imap_processed_folder: str | None = None
     # outgoing
     relay_host: str | None = None
     relay_port: int = 25
@@ -89,7 +98,8 @@ def _coerce(f, v: object) -> object:
     if isinstance(default, float):
         return float(v)  # type: ignore[arg-type]
     if isinstance(default, tuple):
-        return tuple(v) if isinstance(v, (list, tuple)) else _split(str(v))
+        items = tuple(str(x).strip() for x in v) if isinstance(v, (list, tuple)) else _split(str(v))
+        return tuple(x.lower() for x in items) if f.metadata.get("case_insensitive") else items
     if isinstance(default, Path):
         return Path(str(v))
     return v

@@ -2,7 +2,8 @@
 
 Every action changes the case in one transaction, writes it to the case's trail (CaseEvent, actor
 "slack:<user id>"), stores label corrections as Feedback for retraining, and then re-renders the
-suggestion message in place (chat.update).
+suggestion message in place (chat.update). Every agent's access to a case (these actions, and /case showing
+one) is also recorded in the data-protection audit trail (triagebot/privacy.py), in the same transaction.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from triagebot import privacy
 from triagebot.agents import blocks as bk
 from triagebot.agents import suggest
 from triagebot.db.tables import Case, CaseEvent, Feedback, MessageRow, Outbox, ThreadKey, utcnow
@@ -49,6 +51,11 @@ class Result:
 def actor_of(user_id: str) -> str:
     """The trail's name for a Slack user."""
     return f"{suggest.AGENT_ACTOR}{user_id}"
+
+
+def _audit(s: Session, actor: str, action: str, case: Case, **detail: Any) -> None:
+    """An agent's access to a case in the audit trail, committed (or rolled back) with the caller's work."""
+    privacy.record_access(s, actor, action, case.reference or f"case {case.id}", {"via": "slack", **detail})
 
 
 def _feedback(s: Session, case: Case, field: str, old: str | None, new: str, actor: str) -> None:
@@ -88,6 +95,7 @@ def relabel(sessions: sessionmaker[Session], case_id: int, field: str, value: st
             _resla(case)
         s.add(CaseEvent(case_id=case.id, actor=actor, kind="relabelled",
                         detail={"field": field, "old": old, "new": value}))
+        _audit(s, actor, "relabel", case, field=field, old=old, new=value)
         _feedback(s, case, field, old, value, actor)
         return Result(True, f"{case.reference}: {field} {old} → {value}")
 
@@ -101,6 +109,7 @@ def accept(sessions: sessionmaker[Session], case_id: int, user: str) -> Result:
             return Result(False, f"case {case_id} does not exist")
         labels = {f: getattr(case, f) for f in LABELS}
         s.add(CaseEvent(case_id=case.id, actor=actor, kind="accepted", detail=labels))
+        _audit(s, actor, "accept", case)
         for f, v in labels.items():
             if v is not None:
                 _feedback(s, case, f, v, v, actor)
@@ -121,6 +130,7 @@ def escalate(sessions: sessionmaker[Session], case_id: int, user: str) -> Result
         case.updated_at = utcnow()
         _resla(case)
         s.add(CaseEvent(case_id=case.id, actor=actor, kind="escalated", detail={"old": old, "new": new}))
+        _audit(s, actor, "escalate", case, old=old, new=new)
         _feedback(s, case, "severity", old, new, actor)
         return Result(True, f"{case.reference}: escalated {old} → {new}")
 
@@ -157,6 +167,7 @@ def merge(sessions: sessionmaker[Session], case_id: int, target_ref: str, user: 
                         detail={"into": target.reference, "into_id": target.id, "status_before": before}))
         s.add(CaseEvent(case_id=target.id, actor=actor, kind="merged_in",
                         detail={"from": case.reference, "from_id": case.id}))
+        _audit(s, actor, "merge", case, into=target.reference)
         return Result(True, f"{case.reference} merged into {target.reference}", also=(target.id,))
 
 
@@ -205,6 +216,7 @@ def send_reply(settings: Settings, sessions: sessionmaker[Session], client: "Web
             s.add(CaseEvent(case_id=case_id, actor=actor, kind="reply_sent",
                             detail={"via": "slack", "channel": slack_target[0], "ts": resp.get("ts"),
                                     "answer": view.reply_name, "language": view.language, "text": view.reply}))
+            _audit(s, actor, "send_reply", s.get(Case, case_id), reply_via="slack")
         return Result(True, f"{view.reference}: reply sent in the customer's thread")
     with sessions() as s, s.begin():
         case = s.get(Case, case_id)
@@ -219,10 +231,12 @@ def send_reply(settings: Settings, sessions: sessionmaker[Session], client: "Web
             s.add(CaseEvent(case_id=case_id, actor=actor, kind="reply_queued",
                             detail={"via": "email", "to": to, "message_id": mail["Message-ID"],
                                     "answer": view.reply_name, "text": view.reply}))
+            _audit(s, actor, "send_reply", case, reply_via="email")
             return Result(True, f"{view.reference}: reply queued by mail")
         s.add(CaseEvent(case_id=case_id, actor=actor, kind="reply_recorded",
                         detail={"via": "email", "to": to, "answer": view.reply_name, "text": view.reply,
                                 "why": "no mail relay configured: send it from the support mailbox"}))
+        _audit(s, actor, "send_reply", case, reply_via="recorded")
         return Result(True, f"{view.reference}: no mail relay configured; the reply is recorded on the case")
 
 
@@ -343,11 +357,14 @@ def register(app: "App", settings: Settings, sessions: sessionmaker[Session],
 
     def on_case(ack: Callable, command: dict) -> None:
         text = (command.get("text") or "").strip()
-        with sessions() as s:
+        with sessions() as s, s.begin():
             case = find_case(s, text)
             if case is None:
                 ack(response_type="ephemeral", text=f"No case {bk.inline(text or '(empty)')}. Try /case CASE-000123.")
                 return
+            # audited in the transaction that reads the case: nobody sees it unless the audit row commits
+            privacy.record_access(s, actor_of(command.get("user_id") or "?"), "view_case", case.reference,
+                                  {"via": "/case"})
             view = suggest.load_view(s, settings, case.id)
         ack(response_type="ephemeral", text=bk.fallback_text(view), blocks=bk.case_summary_blocks(view))
 

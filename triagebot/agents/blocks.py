@@ -52,14 +52,50 @@ def escape(text: str | None) -> str:
     return _BROADCAST.sub("@" + WORD_JOINER, s)
 
 
-def code_block(text: str | None, limit: int = BODY_CHARS) -> str:
-    """Customer text as a mrkdwn code block it cannot close early: no formatting, links or mentions inside."""
-    s = (text or "").strip("\n")
-    if len(s) > limit:
-        s = s[:limit].rstrip() + f"\n… ({len(text or '') - limit} more characters)"
+_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+FENCE = "```"
+
+
+def _escaped_pieces(s: str) -> list[str]:
+    """escape(s) as one piece per character of s, so a cut between pieces never splits an entity or a fence break."""
+    pieces = [_ESCAPES.get(c, c) for c in s]
+    for m in _BROADCAST.finditer(s):
+        pieces[m.start()] = "@" + WORD_JOINER
     # a run of three backticks would end the block: keep the backticks, break the run
-    s = _FENCE.sub(lambda m: ZERO_WIDTH_SPACE.join(m.group(0)), s)
-    return "```" + escape(s or " ") + "```"
+    for m in _FENCE.finditer(s):
+        for i in range(m.start(), m.end() - 1):
+            pieces[i] = "`" + ZERO_WIDTH_SPACE
+    return pieces
+
+
+def code_block(text: str | None, limit: int = BODY_CHARS) -> str:
+    """Customer text as a mrkdwn code block it cannot close early: no formatting, links or mentions inside.
+
+    The text is escaped first and then cut, so the whole block (fences and note included) is at most `limit`
+    (at least 7) characters and ends with its own fence. Cutting the escaped text afterwards (at Slack's 3,000
+    for a section) could lose the closing fence, and cutting before escaping could not bound the length ('&' is
+    five characters escaped). The cut falls between escaped characters, never inside `&amp;`.
+    """
+    s = (text or "").strip("\n")
+    # each character escapes to one or more, so no more than `limit` of them can show; the few after them are
+    # the context that decides a broadcast word ("@everyone") or a backtick run at the edge (a body may be 1 MB)
+    pieces = _escaped_pieces(s[:limit + 16])
+    body = "".join(pieces)
+    if len(s) <= limit + 16 and len(body) + 2 * len(FENCE) <= limit:
+        return FENCE + (body or " ") + FENCE
+    note = f"\n… ({len(s)} more characters)"          # the longest the note can be
+    if len(note) + 2 * len(FENCE) >= limit:
+        note = "…"                                     # a tiny limit: only the mark that something is missing
+    room = max(0, limit - 2 * len(FENCE) - len(note))
+    shown = used = 0
+    while shown < len(pieces) and used + len(pieces[shown]) <= room:
+        used += len(pieces[shown])
+        shown += 1
+    while shown and s[shown - 1].isspace():
+        shown -= 1
+    if note != "…":
+        note = f"\n… ({len(s) - shown} more characters)"
+    return FENCE + "".join(pieces[:shown]) + note + FENCE
 
 
 def inline(text: str | None, limit: int = 200) -> str:

@@ -30,6 +30,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session as 
 from sqlalchemy import Engine, insert
 from sqlalchemy.exc import DataError, IntegrityError
 
+from triagebot import crypto
 from triagebot.db import queue
 from triagebot.db.engine import open_db
 from triagebot.db.tables import Intake, utcnow
@@ -109,10 +110,12 @@ class GroupCommitWriter:
                         fut.set_exception(e)
 
     def _insert(self, batch: list[tuple[bytes, str, Future]]) -> list[int]:
+        # Rows are written as queue.enqueue writes them: raw bytes sealed with the process's keyring when
+        # TRIAGEBOT_ENCRYPTION_KEY is set (triagebot/crypto.py), the content hash of the plaintext.
         if self.engine.dialect.name == "sqlite":
             return self._insert_sqlite(batch)
         now = utcnow()
-        rows = [{"channel": "email", "raw": raw, "content_hash": queue.content_hash(raw), "origin": origin,
+        rows = [{"channel": "email", "raw": crypto.seal(raw), "content_hash": queue.content_hash(raw), "origin": origin,
                  "delivery_key": None, "flags": [], "state": queue.QUEUED, "attempts": 0, "received_at": now,
                  "not_before": now} for raw, origin, _fut in batch]
         # one INSERT ... RETURNING for the whole batch; the ids come back in the order of the rows
@@ -136,8 +139,8 @@ class GroupCommitWriter:
             cur.execute("BEGIN IMMEDIATE")
             ids = []
             for raw, origin, _fut in batch:
-                cur.execute(SQLITE_INSERT, ("email", raw, now, queue.content_hash(raw), origin, queue.QUEUED, 0, now,
-                                            self._flags))
+                cur.execute(SQLITE_INSERT, ("email", crypto.seal(raw), now, queue.content_hash(raw), origin,
+                                            queue.QUEUED, 0, now, self._flags))
                 ids.append(cur.lastrowid)
             cur.execute("COMMIT")
             return ids
@@ -298,8 +301,7 @@ class IntakeController(Controller):
 
     def factory(self) -> SMTP:
         LimitedSMTP.max_connections = self.settings.smtp_max_connections_per_client
-        # a setting once Settings has smtp_max_messages_per_minute; until then the class default
-        LimitedSMTP.max_per_minute = int(getattr(self.settings, "smtp_max_messages_per_minute", 6000))
+        LimitedSMTP.max_per_minute = self.settings.smtp_max_messages_per_minute
         kwargs = dict(self.SMTP_kwargs)
         return LimitedSMTP(self.handler, **kwargs)
 

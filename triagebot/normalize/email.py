@@ -317,6 +317,32 @@ def _address(value: str) -> tuple[str, str]:
         return "", ""
 
 
+def _unfold(value: str) -> str:
+    """A raw header value on one line (RFC 5322 §2.2.3), cut like decode_header cuts it."""
+    return re.sub(r"\r?\n[ \t]+", " ", value[:MAX_HEADER_VALUE * 2]).replace("\r", "").replace("\n", " ")
+
+
+def _addr_text(addr: str) -> str:
+    """An addr-spec as text: raw 8-bit bytes read as UTF-8 (RFC 6532); encoded words are left alone (RFC 2047 §5)."""
+    if not addr.isascii() and _SURROGATE.search(addr):
+        addr = decode_bytes(addr.encode("ascii", "surrogateescape"), "utf-8")[0]
+    return addr
+
+
+def _mailbox(raw_value: str) -> tuple[str, str]:
+    """(display name, addr-spec) of a raw From/Sender value, the address found before any RFC 2047 decoding.
+
+    Decoding first would let an encoded display name carry an address of its own
+    (`=?utf-8?q?boss=40customer=2Ecom?= <attacker@evil.example>`) that the parser then takes for the sender.
+    RFC 2047 §5: an encoded word never occurs in an addr-spec, so one found there is a display name alone.
+    """
+    name, addr = _address(_unfold(raw_value))
+    addr = _addr_text(addr.strip())
+    if _ENCODED_WORD.fullmatch(addr):
+        name, addr = name or addr, ""
+    return (decode_header(name)[0] if name else ""), addr
+
+
 def _ids(value: str | None) -> tuple[str, ...]:
     if not value:
         return ()
@@ -506,6 +532,9 @@ def _parse(raw: bytes, cut: bool = False) -> Message:
     flags: set[str] = {"malformed_mime"} if cut else set()
     headers: list[tuple[str, str]] = []
     first: dict[str, str] = {}
+    # address fields as received: addresses are parsed before RFC 2047 decoding (see _mailbox)
+    raw_first: dict[str, str] = {}
+    raw_recipients: list[tuple[str, str]] = []
     # raw_items: the stored values, with raw 8-bit bytes still as surrogates (items() would turn them into U+FFFD)
     for name, value in list(msg.raw_items())[:MAX_HEADERS]:
         if not isinstance(value, str):
@@ -515,7 +544,11 @@ def _parse(raw: bytes, cut: bool = False) -> Message:
             flags.add("charset_guessed")
         text = text[:MAX_HEADER_VALUE]
         headers.append((name, text))
-        first.setdefault(name.lower(), text)
+        low = name.lower()
+        first.setdefault(low, text)
+        raw_first.setdefault(low, value)
+        if low in ("to", "cc"):
+            raw_recipients.append((low, value))
     if not headers or not _KNOWN_HEADERS.intersection(first):
         # "Note: call Anna" as the first line of a text file is a field, but no mail has only such fields
         raise InputError("not an email: no From, To, Subject, Date, Message-ID or MIME header")
@@ -540,9 +573,9 @@ def _parse(raw: bytes, cut: bool = False) -> Message:
             "\n\n".join(html_to_text(t) for t in inner.html if t.strip())
         if body.strip():
             flags.add("forwarded")
-    sender_name, sender = _address(first.get("from", ""))
-    if not sender and first.get("sender"):
-        sender_name, sender = _address(first["sender"])
+    sender_name, sender = _mailbox(raw_first.get("from", ""))
+    if not sender and raw_first.get("sender"):
+        sender_name, sender = _mailbox(raw_first["sender"])
     parts = split_reply(body, sender_name=sender_name or None)
     if parts.forwarded:
         flags.add("forwarded")
@@ -551,9 +584,10 @@ def _parse(raw: bytes, cut: bool = False) -> Message:
 
     recipients = []
     for name in ("to", "cc"):
-        for k, v in headers:
-            if k.lower() == name and len(recipients) < MAX_ADDRESSES:
-                recipients.extend(a.lower() for _, a in _addresses([v]) if a and "@" in a)
+        for k, v in raw_recipients:
+            if k == name and len(recipients) < MAX_ADDRESSES:
+                addrs = (_addr_text(a) for _, a in _addresses([_unfold(v)]))
+                recipients.extend(a.lower() for a in addrs if a and "@" in a and not _ENCODED_WORD.search(a))
     mid = first.get("message-id", "").strip()
     mids = _MSGID.findall(mid)
     message_id = mids[0] if mids else ("".join(mid.split()) or None)
