@@ -286,7 +286,7 @@ def pollers(settings: Settings, stop: threading.Event, processed_folder: str | N
     """One poller per configured mailbox, sharing a stop event."""
     account = account_from(settings)
     _engine, sessions = open_db(settings.database_url)
-    folder = processed_folder or getattr(settings, "imap_processed_folder", None)
+    folder = processed_folder or settings.imap_processed_folder
     return [MailboxPoller(account, sessions, mb, processed_folder=folder, use_idle=use_idle,
                           poll_seconds=settings.imap_poll_seconds, stop=stop)
             for mb in settings.imap_mailboxes]
