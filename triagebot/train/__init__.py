@@ -39,27 +39,50 @@ def cli_train(data_dir: Path | str | None = None, models_dir: Path | str | None 
 
 def cli_evaluate(out_dir: Path | str, models_dir: Path | str | None = None, data_dir: Path | str | None = None,
                  version: str | None = None, cv: bool = True, progress: bool = True,
+                 eval_set: Path | str | None = None, use_eval_set: bool = True, settings: Any = None,
                  out: Callable[[str], None] = print) -> int:
-    """`triagebot evaluate [OUT_DIR] [--version V] [--no-cv]`: write report.html and report.json."""
+    """`triagebot evaluate [OUT_DIR] [--version V] [--no-cv] [--eval-set PATH | --no-eval-set]`.
+
+    Writes report.html and report.json. The evaluation set defaults to training/eval/independent.jsonl when
+    it exists; a named file that does not exist is an error.
+    """
+    import json
+
     from triagebot.train.dataset import DatasetError
+    from triagebot.train.evalset import HEADLINE, default_eval_set
     from triagebot.train.evaluate import REPORT_JSON, evaluate
     from triagebot.train.registry import ModelError
     from triagebot.train.train import DATA_DIR, MODELS_DIR
 
+    chosen = (eval_set if eval_set is not None else default_eval_set()) if use_eval_set else None
     try:
         path = evaluate(out_dir, models_dir or MODELS_DIR, data_dir or DATA_DIR, version=version, cv=cv,
-                        progress=progress)
+                        progress=progress, eval_set=chosen, settings=settings)
     except (DatasetError, ModelError) as e:
         out(f"error: {e}")
         return EXIT_ERROR
+    report = json.loads((path.parent / REPORT_JSON).read_text(encoding="utf-8"))
+    out(f"model {report['model']['version']}: held-out macro-F1 {_f(report.get('heldout_macro_f1'))} "
+        f"({report['data']['n_test']} messages)")
+    ev = report.get("eval_set")
+    if ev:
+        out(f"eval set {ev['path']} ({ev['n']} messages, whole pipeline), accuracy:")
+        for group in ev["labels"]["category"]:
+            out(f"  {group:5s} " + "  ".join(f"{lab} {_f(ev['labels'][lab][group]['accuracy'])}" for lab in HEADLINE))
+    elif use_eval_set:
+        out("no evaluation set (training/eval/independent.jsonl not found; --eval-set PATH names one)")
     out(f"report: {path}")
     out(f"figures: {path.parent / REPORT_JSON}")
     return EXIT_OK
 
 
+def _f(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
 def cli_models(action: str = "list", version: str | None = None, models_dir: Path | str | None = None,
                out: Callable[[str], None] = print) -> int:
-    """`triagebot models [list | promote VERSION | rollback]`."""
+    """`triagebot models [list | promote VERSION | rollback | remove VERSION]`."""
     from triagebot.train.registry import ModelError, Registry
     from triagebot.train.train import MODELS_DIR
 
@@ -82,8 +105,14 @@ def cli_models(action: str = "list", version: str | None = None, models_dir: Pat
             out(f"promoted {version}")
         elif action == "rollback":
             out(f"rolled back to {registry.rollback(reason='rolled back by hand')}")
+        elif action == "remove":
+            if not version:
+                out("error: remove needs a VERSION (see `triagebot models`)")
+                return EXIT_ERROR
+            registry.remove(version, reason="removed by hand")
+            out(f"removed {version}")
         else:
-            out(f"error: unknown action {action!r} (list, promote, rollback)")
+            out(f"error: unknown action {action!r} (list, promote, rollback, remove)")
             return EXIT_ERROR
     except ModelError as e:
         out(f"error: {e}")

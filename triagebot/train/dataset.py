@@ -25,6 +25,9 @@ DATA_GLOB = "*.jsonl"
 SPLIT_SALT = "triagebot-heldout-v1"
 TEST_FRACTION = 0.2
 MAX_ERRORS_SHOWN = 20
+# how Dataset.data_hash is computed (the model card repeats it, so anyone can recompute the hash by hand)
+HASH_METHOD = ("sha256 over, for each training/data/*.jsonl in name order: the file name, a NUL byte and the "
+               "SHA-256 digest of its bytes; then for each feedback example b'feedback\\0' + its canonical JSON")
 
 
 class DatasetError(ValueError):
@@ -69,6 +72,7 @@ class Dataset:
     data_hash: str
     files: tuple[str, ...] = ()
     n_feedback: int = 0
+    file_sha256: tuple[tuple[str, str], ...] = ()   # (file name, hex SHA-256 of its bytes) per data file
 
     def split(self) -> tuple[list[LabelledExample], list[LabelledExample]]:
         """(train, test): the held-out test side is a fixed ~20% of scenario groups."""
@@ -165,9 +169,12 @@ def load_dataset(data_dir: Path | str, feedback: Iterable[LabelledExample] = ())
     errors: list[str] = []
     digest = hashlib.sha256()
     seen: dict[str, str] = {}
+    file_hashes = []
     for path in files:
         raw = path.read_bytes()
-        digest.update(path.name.encode() + b"\0" + hashlib.sha256(raw).digest())
+        file_digest = hashlib.sha256(raw)
+        file_hashes.append((path.name, file_digest.hexdigest()))
+        digest.update(path.name.encode() + b"\0" + file_digest.digest())
         exs, errs = load_file(path)
         errors.extend(errs)
         for ex in exs:
@@ -183,7 +190,8 @@ def load_dataset(data_dir: Path | str, feedback: Iterable[LabelledExample] = ())
     fb = list(feedback)
     for ex in fb:
         digest.update(b"feedback\0" + ex.canonical().encode("utf-8"))
-    return Dataset(tuple(examples + fb), digest.hexdigest(), tuple(str(p) for p in files), len(fb))
+    return Dataset(tuple(examples + fb), digest.hexdigest(), tuple(str(p) for p in files), len(fb),
+                   tuple(file_hashes))
 
 
 def _field(row: Any, name: str, default: Any = None) -> Any:
@@ -247,6 +255,21 @@ def _normalized_text(ex: LabelledExample) -> str:
 def model_inputs(examples: Sequence[LabelledExample]) -> np.ndarray:
     """The (language, text) input rows for examples (language: the data's label)."""
     return make_inputs([ex.language for ex in examples], [_normalized_text(ex) for ex in examples])
+
+
+def inputs_sha256(*inputs: np.ndarray) -> str:
+    """SHA-256 of model input rows (language, text): changes when normalization changes what a model sees."""
+    h = hashlib.sha256()
+    for X in inputs:
+        for language, text in X:
+            h.update(json.dumps([str(language), str(text)], ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def predictions_sha256(ids: Sequence[str], predicted: Mapping[str, Sequence[str]]) -> str:
+    """SHA-256 of the predicted labels per example id (sorted by id): equal predictions, equal digest."""
+    rows = sorted([i, *(str(predicted[lab][k]) for lab in LABELS)] for k, i in enumerate(ids))
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def label_array(examples: Sequence[LabelledExample], label: str) -> np.ndarray:

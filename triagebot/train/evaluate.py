@@ -1,6 +1,7 @@
 """`triagebot evaluate`: a report on the promoted (or a named) model: held-out precision/recall/F1 per label and
-per language, confusion matrices and reliability diagrams as pictures, grouped cross-validation figures;
-report.html for a person, report.json for a script."""
+per language, confusion matrices and reliability diagrams as pictures, grouped cross-validation figures, and the
+independent evaluation set through the whole pipeline (evalset.py); report.html for a person, report.json for a
+script."""
 from __future__ import annotations
 
 import base64
@@ -8,6 +9,7 @@ import html
 import io
 import json
 import math
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from triagebot.settings import Settings
 from triagebot.train import dataset as ds
+from triagebot.train import evalset as es
 from triagebot.train.models import CV_FOLDS, LABELS, cross_validate
 from triagebot.train.registry import LoadedModel, Registry
 from triagebot.train.train import DATA_DIR, MODELS_DIR, _clean, mean_macro_f1, score_model
@@ -30,17 +33,25 @@ MAX_MISTAKES = 25
 
 def evaluate(out_dir: Path | str, models_dir: Path | str = MODELS_DIR, data_dir: Path | str = DATA_DIR,
              version: str | None = None, cv: bool = True, cv_folds: int = CV_FOLDS, progress: bool = True,
-             feedback: Iterable[ds.LabelledExample] = (), review_confidence: float | None = None) -> Path:
-    """Write report.html (with embedded PNG pictures) and report.json to out_dir; returns the HTML path."""
+             feedback: Iterable[ds.LabelledExample] = (), review_confidence: float | None = None,
+             eval_set: Path | str | None = None, settings: Settings | None = None) -> Path:
+    """Write report.html (with embedded PNG pictures) and report.json to out_dir; returns the HTML path.
+
+    `eval_set`: a file of labelled messages (training/eval/independent.jsonl, see evalset.py) to run through the
+    whole pipeline with this model; None leaves the section out. `settings` give the rules the pipeline uses.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threshold = review_confidence if review_confidence is not None else Settings().review_confidence
+    settings = settings or Settings.load()
+    threshold = review_confidence if review_confidence is not None else settings.review_confidence
     loaded = Registry(models_dir).load(version)
     model = loaded.model
     dataset = ds.load_dataset(data_dir, feedback)
     train_ex, test_ex = dataset.split()
+    eval_ex = es.load_eval_set(eval_set) if eval_set is not None else []
     n_cv = cv_folds * len(LABELS) if cv else 0
-    bar = tqdm(total=len(dataset.examples) + 1 + n_cv, disable=not progress, unit="step", desc="evaluate")
+    bar = tqdm(total=len(dataset.examples) + 1 + n_cv + len(eval_ex), disable=not progress, unit="step",
+               desc="evaluate")
     try:
         X_test = _inputs(test_ex, bar)
         Y_test = {lab: ds.label_array(test_ex, lab) for lab in LABELS}
@@ -62,6 +73,7 @@ def evaluate(out_dir: Path | str, models_dir: Path | str = MODELS_DIR, data_dir:
                           "labels": {lab: res.metrics[lab]["model"] for lab in LABELS}}
         else:
             bar.update(len(train_ex))
+        outcomes = es.run_pipeline(eval_ex, loaded, models_dir, settings, progress=bar.update) if eval_ex else []
     finally:
         bar.close()
 
@@ -106,7 +118,10 @@ def evaluate(out_dir: Path | str, models_dir: Path | str = MODELS_DIR, data_dir:
         "review": review,
         "cv": _jsonable(cv_metrics),
         "mistakes": mistakes,
+        "eval_set": _eval_set_report(eval_set, outcomes, settings) if eval_set is not None else None,
     }
+    if outcomes:
+        pictures.update(_eval_set_pictures(report["eval_set"]))
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     path = out / REPORT_HTML
     path.write_text(_html(report, pictures, loaded), encoding="utf-8")
@@ -133,6 +148,43 @@ def _with_detected_language(model: Any, X: np.ndarray, Y: Mapping[str, np.ndarra
             "labels": {lab: {k: _clean(scored[lab]["all"][k]) for k in ("n", "accuracy", "macro_f1")}
                        for lab in scored},
             "heldout_macro_f1": _clean(mean_macro_f1(scored))}
+
+
+def _eval_set_report(path: Path | str, outcomes: Sequence[es.Outcome], settings: Settings) -> dict[str, Any]:
+    """The JSON section of the evaluation set: figures per label and language, confusion matrices, mistakes."""
+    from triagebot.langid import get_model
+
+    scored = es.score(outcomes)
+    langs = [o.example.language for o in outcomes]
+    return {
+        "path": str(path),
+        "sha256": es.file_sha256(path),
+        "n": len(outcomes),
+        "languages": {lang: langs.count(lang) for lang in sorted(set(langs))},
+        "how": "each message built with normalize.message_from_text (as training does), then Pipeline.default "
+               "with this model in the classify step; 'severity' is final (after rules/severity_policy.yaml), "
+               "'severity_model' the classifier's before the policy; per language = by the labelled language",
+        "rules_dir": str(settings.rules_dir),
+        "langid_version": get_model().version,
+        "accuracy": {lab: _clean(scored["labels"][lab]["all"]["accuracy"]) for lab in es.HEADLINE},
+        "labels": _jsonable(scored["labels"]),
+        "identifiers": _jsonable(scored["identifiers"]),
+        "dispositions": scored["dispositions"],
+        "mistakes": _jsonable(es.mistakes(outcomes)),
+    }
+
+
+def _eval_set_pictures(section: Mapping[str, Any]) -> dict[str, str]:
+    """A confusion matrix per class label and language of the evaluation set."""
+    out = {}
+    for lab in es.CLASS_LABELS:
+        for group, m in section["labels"][lab].items():
+            cm = m["confusion"]
+            if cm["labels"]:
+                out[f"ev-cm-{lab}-{group}"] = _matrix_png(
+                    cm["labels"], np.asarray(cm["matrix"]),
+                    f"eval set, {lab}: {'all languages' if group == 'all' else group} (n={m['n']})")
+    return out
 
 
 def _inputs(examples: Sequence[ds.LabelledExample], bar: tqdm) -> np.ndarray:
@@ -182,7 +234,15 @@ def _png(fig: Any) -> str:
 
 def _confusion_png(truth: np.ndarray, pred: np.ndarray, classes: Sequence[str], title: str) -> str:
     labels = [c for c in classes if c in set(truth) | set(pred)] or list(classes)
-    cm = confusion_matrix(truth, pred, labels=labels) if len(truth) else np.zeros((len(labels), len(labels)), int)
+    with warnings.catch_warnings():
+        # "A single label was found in y_true and y_pred": expected for a small language group
+        warnings.simplefilter("ignore", UserWarning)
+        cm = confusion_matrix(truth, pred, labels=labels) if len(truth) else np.zeros((len(labels), len(labels)), int)
+    return _matrix_png(labels, cm, title)
+
+
+def _matrix_png(labels: Sequence[str], cm: np.ndarray, title: str) -> str:
+    """A confusion matrix (rows: true, columns: predicted) as a base64 PNG."""
     size = 1.2 + 0.55 * len(labels)
     fig = _figure(size + 1.2, size)
     ax = fig.add_subplot(1, 1, 1)
@@ -284,6 +344,10 @@ def _html(report: Mapping[str, Any], pictures: Mapping[str, str], loaded: Loaded
         f"(split by scenario, {int(d['split']['test_fraction'] * 100)}%); training split {d['n_train']}.</p>",
         f"<p><b>Held-out macro-F1, mean over labels: {_fmt(report['heldout_macro_f1'])}</b></p>",
         _runtime_note(report.get("heldout_detected_language")),
+        (f"<p><b>Independent evaluation set ({report['eval_set']['n']} messages, whole pipeline), accuracy: "
+         + ", ".join(f"{e(k)} {_fmt(v)}" for k, v in report["eval_set"]["accuracy"].items())
+         + "</b> (<a href='#eval-set'>details</a>)</p>") if report.get("eval_set") else
+        "<p class='note'>No independent evaluation set in this report.</p>",
         "<p class='note'>Libraries: " + e(", ".join(f"{k} {v}" for k, v in (m.get("libraries") or {}).items())) + "</p>",
     ]
     for lab in LABELS:
@@ -312,5 +376,56 @@ def _html(report: Mapping[str, Any], pictures: Mapping[str, str], loaded: Loaded
             parts.append("<details><summary>Most confident held-out mistakes</summary><table><tr><th>id</th>"
                          "<th>lang</th><th>subject</th><th>true</th><th>predicted</th><th>confidence</th></tr>"
                          f"{rows}</table></details>")
+    if report.get("eval_set"):
+        parts += _eval_set_html(report["eval_set"], pictures)
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _eval_set_html(ev: Mapping[str, Any], pictures: Mapping[str, str]) -> list[str]:
+    e = html.escape
+    labels = ev["labels"]
+    groups = list(labels["category"])
+    head = "<tr><th>label</th>" + "".join(f"<th>{e(g)} (n={labels['category'][g]['n']})</th>" for g in groups) + "</tr>"
+    rows = "".join(
+        f"<tr><th>{e(lab)}</th>" + "".join(
+            f"<td>{_fmt(labels[lab][g]['accuracy'])}"
+            + (f" <span class='note'>F1 {_fmt(labels[lab][g]['macro_f1'])}</span>"
+               if "macro_f1" in labels[lab][g] else "")
+            + "</td>" for g in groups) + "</tr>"
+        for lab in es.HEADLINE + ("severity_model",))
+    parts = [
+        "<h2 id='eval-set'>Independent evaluation set, whole pipeline</h2>",
+        f"<p>{e(ev['path'])} ({ev['n']} messages, sha256 {e(ev['sha256'][:12])}…; "
+        + ", ".join(f"{e(k)} {v}" for k, v in ev["languages"].items()) + f"). {e(ev['how'])}. "
+        f"Language model {e(str(ev['langid_version']))}; rules {e(ev['rules_dir'])}. Dispositions: "
+        + ", ".join(f"{e(k)} {v}" for k, v in ev["dispositions"].items()) + ".</p>",
+        "<p><b>Accuracy</b> (macro-F1 over the true classes beside it), by labelled language:</p>",
+        f"<table>{head}{rows}</table>",
+    ]
+    for lab in es.CLASS_LABELS:
+        parts += [f"<h3>Eval set: {e(lab)}</h3>", _per_class_table(labels[lab]),
+                  "<div class='row'>" + "".join(_img(pictures, f"ev-cm-{lab}-{g}") for g in labels[lab]) + "</div>"]
+    est_keys = ("n", "accuracy", "both_null", "expected_null_got_number", "expected_number_got_null",
+                "both_number_exact", "both_number_different", "median_relative_error_when_different")
+    parts.append("<h3>Eval set: blast-radius estimate</h3><table><tr><th>language</th>"
+                 + "".join(f"<th>{e(k.replace('_', ' '))}</th>" for k in est_keys) + "</tr>"
+                 + "".join(f"<tr><th>{e(g)}</th>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in est_keys) + "</tr>"
+                           for g, m in labels["estimate"].items()) + "</table>")
+    ids = ev["identifiers"]
+    parts.append("<h3>Eval set: identifiers</h3><table><tr><th>kind</th><th>expected</th><th>found</th>"
+                 "<th>precision</th><th>recall</th><th>F1</th></tr>"
+                 + "".join(f"<tr><th>{e(k)}</th>" + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in
+                                                          ("expected", "found", "precision", "recall", "f1")) + "</tr>"
+                           for k, v in ids.items() if isinstance(v, Mapping))
+                 + "</table><p>Messages with every identifier right: "
+                 f"{_fmt(ids.get('messages_all_identifiers_right'))}</p>")
+    for lab, wrong in ev["mistakes"].items():
+        if wrong:
+            rows = "".join(f"<tr><td>{e(w['id'])}</td><td>{e(w['language'])}</td><td>{e(w['channel'])}</td>"
+                           f"<td>{e(str(w['subject'] or ''))}</td><td>{e(str(w['expected']))}</td>"
+                           f"<td>{e(str(w['predicted']))}</td></tr>" for w in wrong)
+            parts.append(f"<details><summary>Eval set mistakes: {e(lab)} ({len(wrong)} shown)</summary><table><tr>"
+                         "<th>id</th><th>lang</th><th>channel</th><th>subject</th><th>expected</th><th>decided</th>"
+                         f"</tr>{rows}</table></details>")
+    return parts

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 LABELS = ("category", "service", "severity")
 CALIBRATION_FOLDS = 5
 CV_FOLDS = 5
+# Every random choice in training takes this seed, so `triagebot train` on the same data, code and library
+# versions gives the same model (same predictions, same figures). LinearSVC's dual solver shuffles the rows;
+# with random_state=None it drew from NumPy's global generator, and two runs differed by ~1e-5 in probability.
+SEED = 0
+# what the model card records about randomness (models/<version>/model_card.json "reproducibility")
+SEEDS = {"svm_random_state": SEED, "logreg_random_state": SEED, "calibration_split_seed": SEED,
+         "cv": "GroupKFold by scenario (no shuffling)"}
 
 
 def _calibrated(estimator: BaseEstimator, method: str) -> CalibratedClassifierCV:
@@ -41,14 +48,16 @@ def _calibrated(estimator: BaseEstimator, method: str) -> CalibratedClassifierCV
 # logreg C 3/10/30: .788/.791/.793, at ten times the training time; Platt/sigmoid calibration because
 # temperature scaling overflowed when a class was missing from a calibration fold).
 CANDIDATES: dict[str, Callable[[], BaseEstimator]] = {
-    "svm": lambda: _calibrated(LinearSVC(C=1.0, class_weight="balanced"), "sigmoid"),
-    "logreg": lambda: _calibrated(LogisticRegression(C=30.0, class_weight="balanced", max_iter=3000), "sigmoid"),
+    "svm": lambda: _calibrated(LinearSVC(C=1.0, class_weight="balanced", random_state=SEED), "sigmoid"),
+    "logreg": lambda: _calibrated(LogisticRegression(C=30.0, class_weight="balanced", max_iter=3000,
+                                                     random_state=SEED), "sigmoid"),
     "cnb": lambda: _calibrated(ComplementNB(alpha=0.3), "sigmoid"),
 }
 DEFAULT_HEAD = "svm"
 
 
-def grouped_splits(y: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def grouped_splits(y: np.ndarray, groups: np.ndarray | None, n_splits: int,
+                   seed: int = SEED) -> list[tuple[np.ndarray, np.ndarray]]:
     """CV splits that keep a scenario group on one side, stratified where the data allows.
 
     Paraphrases of one scenario on both sides of a split make scores (and so the calibration learnt from

@@ -249,6 +249,22 @@ class Registry:
                                     "version": target, "previous": current, "forced": False, "reason": reason})
         return target
 
+    def remove(self, version: str, reason: str = "") -> None:
+        """Delete a version that is not promoted (its folder and its entry); the history keeps a line for it."""
+        with self._locked() as data:
+            if version not in data["versions"]:
+                raise ModelError(f"no version {version!r} in {self.path}; `triagebot models` lists them")
+            if version == data.get("promoted"):
+                raise ModelError(f"{version} is the promoted version; promote another one first")
+            folder = self.dir / version
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    p.unlink()
+                folder.rmdir()
+            del data["versions"][version]
+            data["history"].append({"at": utc_now().isoformat(timespec="seconds"), "action": "remove",
+                                    "version": version, "previous": None, "forced": False, "reason": reason})
+
     # -- loading -----------------------------------------------------------------------------------------
     def load(self, version: str | None = None) -> LoadedModel:
         """Load a version (default: the promoted one), refusing other library versions and unexpected types."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,8 @@ from tqdm import tqdm
 
 from triagebot.settings import ROOT
 from triagebot.train import dataset as ds
-from triagebot.train.models import (CANDIDATES, CV_FOLDS, DEFAULT_HEAD, LABELS, TriageClassifier, cross_validate,
-                                    metrics_by_language)
+from triagebot.train.models import (CANDIDATES, CV_FOLDS, DEFAULT_HEAD, LABELS, SEEDS, TriageClassifier,
+                                    cross_validate, metrics_by_language)
 from triagebot.train.registry import ModelError, Registry
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def train(data_dir: Path | str = DATA_DIR, feedback: Iterable[ds.LabelledExample
         bar.set_description("held-out")
         heldout = score_model(model, X_test, Y_test, lang_test)
         score = mean_macro_f1(heldout)
+        predicted = model.predict(X_test) if len(X_test) else {lab: [] for lab in LABELS}
         bar.update(1)
 
         registry = Registry(models_dir)
@@ -131,7 +133,10 @@ def train(data_dir: Path | str = DATA_DIR, feedback: Iterable[ds.LabelledExample
         card = {
             "kind": "triagebot text classifiers (category, service, severity)",
             "training_data": {
-                "hash": dataset.data_hash, "files": [Path(f).name for f in dataset.files],
+                "hash": dataset.data_hash, "hash_method": ds.HASH_METHOD,
+                "files": [Path(f).name for f in dataset.files], "file_sha256": dict(dataset.file_sha256),
+                # the model input rows (language, normalized text): changes when normalization does
+                "inputs_sha256": ds.inputs_sha256(X_train, X_test),
                 "n_examples": len(dataset.examples), "n_feedback": dataset.n_feedback,
                 "n_train": len(train_ex), "n_test": len(test_ex),
                 "n_train_groups": len({e.group for e in train_ex}), "n_test_groups": len({e.group for e in test_ex}),
@@ -150,6 +155,16 @@ def train(data_dir: Path | str = DATA_DIR, feedback: Iterable[ds.LabelledExample
                                       for lab in heldout},
                 "cv": cv_summary,
             },
+            "reproducibility": {
+                "command": "triagebot train" + ("" if select else " --no-select"),
+                "note": ("the same training_data.hash (0 feedback rows: `triagebot train` adds the agents' "
+                         "corrections from the database), code and libraries give the same predictions "
+                         "(heldout_predictions_sha256) and figures"),
+                "select": select, "cv_folds": cv_folds if select else None, "candidates": names if select else [],
+                "seeds": dict(SEEDS, split_salt=ds.SPLIT_SALT),
+                "heldout_predictions_sha256": ds.predictions_sha256([e.id for e in test_ex], predicted),
+                "code": code_version(),
+            },
         }
         bar.set_description("save")
         version = registry.save(model, card)
@@ -163,6 +178,20 @@ def train(data_dir: Path | str = DATA_DIR, feedback: Iterable[ds.LabelledExample
     log.info("trained %s: held-out macro-F1 %.3f; %s", version, score, reason)
     return TrainResult(version, promote, reason, score, current_version, current_score, heads,
                        card["metrics"], registry.card(version), time.time() - started)
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of the code, and whether the files that shape a model differ from it (None without git)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", "triagebot", "training", "pyproject.toml") if commit else None
+    return {"git_commit": commit, "uncommitted_changes": bool(status) if status is not None else None}
 
 
 def _feature_summary(model: TriageClassifier) -> dict[str, Any]:
