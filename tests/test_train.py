@@ -533,3 +533,47 @@ def test_remove_an_unpromoted_version(trained, tmp_path):
     assert cli_models("remove", b, models_dir=models, out=lambda s: None) == EXIT_OK
     assert b not in reg.read()["versions"] and not (models / b).exists()
     assert reg.read()["history"][-1]["action"] == "remove" and reg.promoted() == a
+
+
+def test_eval_set_lines_labelled_auto_reply_or_bounce_count_for_disposition_only(tmp_path):
+    from triagebot.train import cli_evaluate
+
+    if not EVAL_SET.exists():
+        pytest.skip(f"no {EVAL_SET}")
+    case_lines = [x for x in EVAL_SET.read_text(encoding="utf-8").splitlines() if x.strip()][:6]
+    null = {"category": None, "service": None, "severity": None, "tier": None, "estimate": None}
+    others = [
+        {"id": "t-ar", "scenario": "t-ar", "channel": "email", "language": "en", "subject": "Out of office",
+         "body": "I am out of the office until Monday with limited access to email.", "html": False,
+         "headers": {"Auto-Submitted": "auto-replied"}, "labels": {**null, "disposition": "auto_reply"}},
+        {"id": "t-bo", "scenario": "t-bo", "channel": "email", "language": "en",
+         "subject": "Undelivered Mail Returned to Sender",
+         "body": "This is the mail system at host mx.example.com.\n\nI'm sorry to have to inform you that your "
+                 "message could not be delivered to one or more recipients.", "html": False,
+         "headers": {"From": "MAILER-DAEMON@mx.example.com"}, "labels": {**null, "disposition": "bounce"}},
+    ]
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(case_lines) + "\n", encoding="utf-8")
+    (folder / "b.jsonl").write_text("\n".join(json.dumps(o) for o in others) + "\n", encoding="utf-8")
+    lines: list[str] = []
+    status = cli_evaluate(tmp_path / "report", models_dir=SHIPPED, data_dir=_slice_data(tmp_path / "d", every=10),
+                          cv=False, progress=False, eval_set=folder, out=lines.append)
+    assert status == EXIT_OK, lines
+    ev = json.loads((tmp_path / "report" / "report.json").read_text())["eval_set"]
+    assert ev["labels"]["category"]["all"]["n"] == 6           # the labels count the `case` lines only
+    disp = ev["labels"]["disposition"]["all"]
+    assert disp["n"] == 8 and disp["per_class"]["auto_reply"]["support"] == 1
+    assert disp["per_class"]["bounce"]["support"] == 1
+    assert sum(ev["dispositions"].values()) == 8
+
+
+def test_an_eval_line_with_an_unknown_disposition_is_named_by_file_and_line(tmp_path):
+    from triagebot.train.dataset import DatasetError
+    from triagebot.train.evalset import load_eval_set
+
+    bad = tmp_path / "e.jsonl"
+    bad.write_text(json.dumps({"id": "x", "scenario": "x", "channel": "email", "language": "en", "subject": None,
+                               "body": "hi", "labels": {"disposition": "spam"}}) + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"e\.jsonl:1: labels: disposition 'spam'"):
+        load_eval_set(bad)

@@ -150,13 +150,18 @@ def load_file(path: Path) -> tuple[list[LabelledExample], list[str]]:
         if problems:
             errors.extend(problems)
             continue
-        labels = rec["labels"]
-        examples.append(LabelledExample(
-            id=rec["id"], group=rec["scenario"].strip(), channel=rec["channel"], language=rec["language"],
-            subject=rec["subject"], body=rec["body"], html=bool(rec.get("html", False)),
-            labels={k: labels[k] for k in LABELS}, origin=where, writer=rec.get("writer"),
-            extra={k: v for k, v in labels.items() if k not in LABELS}))
+        examples.append(example_from_record(rec, where))
     return examples, errors
+
+
+def example_from_record(rec: Mapping[str, Any], where: str) -> LabelledExample:
+    """A checked record as a LabelledExample; labels beyond LABELS (tier, estimate, ...) go to `extra`."""
+    labels = rec["labels"]
+    return LabelledExample(
+        id=rec["id"], group=rec["scenario"].strip(), channel=rec["channel"], language=rec["language"],
+        subject=rec["subject"], body=rec["body"], html=bool(rec.get("html", False)),
+        labels={k: labels.get(k) for k in LABELS}, origin=where, writer=rec.get("writer"),
+        extra={k: v for k, v in labels.items() if k not in LABELS})
 
 
 def load_dataset(data_dir: Path | str, feedback: Iterable[LabelledExample] = ()) -> Dataset:

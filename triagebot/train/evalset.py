@@ -24,7 +24,8 @@ from triagebot.settings import ROOT, Settings
 from triagebot.train import dataset as ds
 from triagebot.train.registry import LoadedModel
 
-EVAL_SET = ROOT / "training" / "eval" / "independent.jsonl"
+EVAL_DIR = ROOT / "training" / "eval"
+EVAL_SET = EVAL_DIR / "independent.jsonl"
 # the labels scored with classes (per-class precision/recall/F1 and a confusion matrix)
 CLASS_LABELS = ("language", "category", "service", "severity", "severity_model", "tier")
 # the labels reported first, in this order (the ones the issue names)
@@ -36,17 +37,30 @@ MAX_MISTAKES = 40
 
 
 def default_eval_set() -> Path | None:
-    """training/eval/independent.jsonl when it exists (a checkout without it evaluates without the section)."""
-    return EVAL_SET if EVAL_SET.is_file() else None
+    """training/eval/ (every *.jsonl in it) when it has one (a checkout without it evaluates without the section)."""
+    return EVAL_DIR if eval_files(EVAL_DIR) else None
+
+
+def eval_files(path: Path | str) -> list[Path]:
+    """The files of an evaluation set: the file itself, or the *.jsonl of a directory in name order."""
+    path = Path(path)
+    return sorted(path.glob("*.jsonl")) if path.is_dir() else ([path] if path.is_file() else [])
 
 
 def load_eval_set(path: Path | str) -> list[ds.LabelledExample]:
-    """The labelled messages of an evaluation file, validated like training data (DatasetError names file:line)."""
-    path = Path(path)
-    if not path.is_file():
+    """The labelled messages of an evaluation file or directory, validated like training data
+    (DatasetError names file:line)."""
+    files = eval_files(path)
+    if not files:
         raise ds.DatasetError(f"{path}: no such evaluation set")
-    examples, errors = ds.load_file(path)
+    examples, errors = [], []
+    for f in files:
+        exs, errs = _load_records(f)
+        examples += exs
+        errors += errs
     for ex in examples:
+        if ex.extra.get("disposition", "case") != "case":
+            continue
         if "tier" not in ex.extra:
             errors.append(f"{ex.origin}: labels: missing 'tier'")
         if "estimate" not in ex.extra:
@@ -63,6 +77,47 @@ def load_eval_set(path: Path | str) -> list[ds.LabelledExample]:
     if not examples:
         raise ds.DatasetError(f"{path}: no messages")
     return examples
+
+
+NOT_CASES = ("auto_reply", "bounce")
+
+
+def _load_records(path: Path) -> tuple[list[ds.LabelledExample], list[str]]:
+    """Like dataset.load_file, and also lines labelled `disposition` auto_reply/bounce (their other labels
+    are null: they are never classified) and an optional `headers` object the message arrives with."""
+    import json
+    examples, errors = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"{where}: not valid JSON: {e.msg} (column {e.colno})")
+            continue
+        labels = rec.get("labels") if isinstance(rec, dict) else None
+        disposition = labels.get("disposition", "case") if isinstance(labels, dict) else "case"
+        if disposition not in ("case",) + NOT_CASES:
+            errors.append(f"{where}: labels: disposition {disposition!r} is not one of case, {', '.join(NOT_CASES)}")
+            continue
+        if disposition != "case":  # only the message fields are checked; the labels stay null
+            rec = {**rec, "labels": {k: v for k, v in labels.items() if k not in ds.LABEL_VALUES}}
+            problems = [p for p in ds._check({**rec, "labels": {}}, where) if "labels:" not in p]
+        else:
+            problems = ds._check(rec, where)
+        if rec.get("headers") is not None and not isinstance(rec["headers"], dict):
+            problems.append(f"{where}: 'headers' should be an object")
+        if problems:
+            errors.extend(problems)
+            continue
+        ex = ds.example_from_record(rec, where)
+        extra = dict(ex.extra)
+        extra.setdefault("disposition", "case")
+        if rec.get("headers"):
+            extra["headers"] = dict(rec["headers"])
+        examples.append(replace(ex, extra=extra))
+    return examples, errors
 
 
 class _FixedHandle:
@@ -119,7 +174,8 @@ class Outcome:
 
 
 def expected_values(ex: ds.LabelledExample) -> dict[str, Any]:
-    return {"language": ex.language, "category": ex.labels["category"], "service": ex.labels["service"],
+    return {"disposition": ex.extra.get("disposition", "case"),
+            "language": ex.language, "category": ex.labels["category"], "service": ex.labels["service"],
             "severity": ex.labels["severity"], "severity_model": ex.labels["severity"],
             "tier": ex.extra.get("tier"), "estimate": ex.extra.get("estimate"),
             "identifiers": {k: list((ex.extra.get("identifiers") or {}).get(k) or []) for k in ID_KINDS}}
@@ -133,12 +189,12 @@ def run_pipeline(examples: Sequence[ds.LabelledExample], loaded: LoadedModel, mo
     pipeline, recorder = build_pipeline(loaded, models_dir, settings)
     out = []
     for ex in examples:
-        message = message_from_text(ex.channel, ex.subject, ex.body, ex.html)
+        message = message_from_text(ex.channel, ex.subject, ex.body, ex.html, headers=ex.extra.get("headers"))
         recorder.last = None
         t = pipeline.run(message)
         before = recorder.last
         out.append(Outcome(ex, expected_values(ex), {
-            "language": t.language, "category": t.category, "service": t.service, "severity": t.severity,
+            "disposition": t.disposition, "language": t.language, "category": t.category, "service": t.service, "severity": t.severity,
             "severity_model": before.severity if before is not None else None,
             "tier": t.blast_radius.tier, "estimate": t.blast_radius.estimate,
             "identifiers": t.blast_radius.identifiers.as_dict()}, t.disposition))
@@ -210,6 +266,8 @@ def identifier_metrics(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 
 def score(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     """label -> language/"all" -> figures (by the labelled language), plus dispositions and identifiers."""
+    everything = list(outcomes)
+    outcomes = cases(everything)  # the labels of auto-replies and bounces are null: only disposition counts
     langs = np.array([o.example.language for o in outcomes], dtype=object)
     groups = {"all": np.ones(len(outcomes), dtype=bool)}
     groups.update({lang: langs == lang for lang in LANGUAGES if (langs == lang).any()})
@@ -221,11 +279,20 @@ def score(outcomes: Sequence[Outcome]) -> dict[str, Any]:
             pred = [o.predicted[lab] for o, k in zip(outcomes, m) if k]
             labels[lab][g] = (estimate_metrics(truth, pred) if lab == "estimate"
                               else class_metrics(truth, pred, ORDER.get(lab, ())))
+    if any(o.expected["disposition"] != "case" for o in everything):
+        labels["disposition"] = {"all": class_metrics([o.expected["disposition"] for o in everything],
+                                                      [o.predicted["disposition"] for o in everything],
+                                                      ("case",) + NOT_CASES)}
     dispositions: dict[str, int] = {}
-    for o in outcomes:
+    for o in everything:
         dispositions[o.disposition] = dispositions.get(o.disposition, 0) + 1
     return {"labels": labels, "dispositions": dict(sorted(dispositions.items())),
             "identifiers": identifier_metrics(outcomes)}
+
+
+def cases(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """The outcomes of messages labelled `case` (the others have no category, service, severity, tier)."""
+    return [o for o in outcomes if o.expected["disposition"] == "case"]
 
 
 def mistakes(outcomes: Sequence[Outcome], labels: Iterable[str] = HEADLINE,
@@ -235,10 +302,18 @@ def mistakes(outcomes: Sequence[Outcome], labels: Iterable[str] = HEADLINE,
     for lab in labels:
         rows = [{"id": o.example.id, "language": o.example.language, "channel": o.example.channel,
                  "subject": o.example.subject, "expected": o.expected[lab], "predicted": o.predicted[lab]}
-                for o in outcomes if o.expected[lab] != o.predicted[lab]]
+                for o in (outcomes if lab == "disposition" else cases(outcomes))
+                if o.expected[lab] != o.predicted[lab]]
         out[lab] = rows[:limit]
     return out
 
 
 def file_sha256(path: Path | str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """SHA-256 of a file, or of a directory's evaluation files (name and bytes of each, in order)."""
+    files = eval_files(path)
+    if len(files) == 1 and files[0] == Path(path):
+        return hashlib.sha256(files[0].read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()

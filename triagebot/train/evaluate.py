@@ -166,7 +166,8 @@ def _eval_set_report(path: Path | str, outcomes: Sequence[es.Outcome], settings:
                "'severity_model' the classifier's before the policy; per language = by the labelled language",
         "rules_dir": str(settings.rules_dir),
         "langid_version": get_model().version,
-        "accuracy": {lab: _clean(scored["labels"][lab]["all"]["accuracy"]) for lab in es.HEADLINE},
+        "accuracy": {lab: _clean(scored["labels"][lab]["all"]["accuracy"])
+                     for lab in es.HEADLINE + ("disposition",) if lab in scored["labels"]},
         "labels": _jsonable(scored["labels"]),
         "identifiers": _jsonable(scored["identifiers"]),
         "dispositions": scored["dispositions"],
@@ -399,7 +400,9 @@ def _eval_set_html(ev: Mapping[str, Any], pictures: Mapping[str, str]) -> list[s
         f"<p>{e(ev['path'])} ({ev['n']} messages, sha256 {e(ev['sha256'][:12])}…; "
         + ", ".join(f"{e(k)} {v}" for k, v in ev["languages"].items()) + f"). {e(ev['how'])}. "
         f"Language model {e(str(ev['langid_version']))}; rules {e(ev['rules_dir'])}. Dispositions: "
-        + ", ".join(f"{e(k)} {v}" for k, v in ev["dispositions"].items()) + ".</p>",
+        + ", ".join(f"{e(k)} {v}" for k, v in ev["dispositions"].items())
+        + (f" (disposition accuracy {_fmt(labels['disposition']['all']['accuracy'])} over all messages; the labels "
+           "below count only the messages labelled case)" if "disposition" in labels else "") + ".</p>",
         "<p><b>Accuracy</b> (macro-F1 over the true classes beside it), by labelled language:</p>",
         f"<table>{head}{rows}</table>",
     ]
