@@ -274,6 +274,12 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    """Measure the performance figures of issue 3 and print them beside their bars."""
+    from triagebot.bench.runner import cmd
+    return cmd(args, settings)
+
+
 # Admin commands that read or change stored data and are audited by main(); purge, export and forget
 # record their own audit rows, with their results.
 AUDITED_COMMANDS = ("status", "requeue", "train", "models")
@@ -301,7 +307,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """Write the evaluation report (HTML with confusion matrices, plus JSON)."""
     from triagebot.train import cli_evaluate
-    return cli_evaluate(args.out, models_dir=settings.models_dir, version=args.version, cv=not args.no_cv)
+    return cli_evaluate(args.out, models_dir=settings.models_dir, version=args.version, cv=not args.no_cv,
+                        eval_set=args.eval_set, use_eval_set=not args.no_eval_set, settings=settings)
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
@@ -374,13 +381,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="write the evaluation report")
     s.add_argument("out", nargs="?", default="reports")
     s.add_argument("--version")
-    s.add_argument("--no-cv", action="store_true")
+    s.add_argument("--no-cv", action="store_true", help="skip the grouped cross-validation on the training split")
+    s.add_argument("--eval-set", metavar="PATH",
+                   help="labelled messages to run through the whole pipeline (default: "
+                        "every *.jsonl in training/eval/; a file or a directory)")
+    s.add_argument("--no-eval-set", action="store_true", help="leave the evaluation-set section out")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("models", help="list model versions, promote one, roll back")
-    s.add_argument("action", nargs="?", default="list", choices=("list", "promote", "rollback"))
+    s = sub.add_parser("models", help="list model versions, promote one, roll back, remove an unpromoted one")
+    s.add_argument("action", nargs="?", default="list", choices=("list", "promote", "rollback", "remove"))
     s.add_argument("version", nargs="?")
     s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("bench", help="performance figures (language ID, classification, load, memory, throughput) "
+                                     "beside their bars")
+    from triagebot.bench.runner import add_arguments as add_bench_arguments
+    add_bench_arguments(s)
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("migrate", help="create or upgrade the database schema")
     s.set_defaults(func=cmd_migrate)
