@@ -143,6 +143,35 @@ def test_sigkill_under_load_loses_no_acknowledged_message_and_stores_none_twice(
     # the only rows beyond the acknowledged ones are those committed as the kill cut off their 250
     assert len(set(stored) - acked - {"after-restart@kill.test"}) <= CLIENTS
 
+    # and through processing: a worker turns every stored message into exactly one message row in one case
+    processed_exactly_once(listener.db, set(stored))
+
+
+def processed_exactly_once(db: Path, expected: set[str]) -> None:
+    """Run a worker on the listener's database until the queue is empty; every stored message must end up
+    as one message row in one case, with that case's created event, and every intake row done."""
+    from sqlalchemy import select
+
+    from triagebot.db.engine import open_db
+    from triagebot.db.tables import Case, CaseEvent, Intake, MessageRow
+    from triagebot.settings import Settings
+    from triagebot.worker import Worker
+
+    url = f"sqlite:///{db}"
+    Worker(Settings(database_url=url, mail_domains=("support.example.net",))).run(until_empty=True)
+    _engine, sessions = open_db(url)
+    with sessions() as s:
+        states = {r.id: r.state for r in s.scalars(select(Intake))}
+        rows = list(s.scalars(select(MessageRow)))
+        created = {e.case_id for e in s.scalars(select(CaseEvent).where(CaseEvent.kind == "created"))}
+        cases = {c.id for c in s.scalars(select(Case).where(Case.kind == "case"))}
+    assert set(states.values()) == {"done"}, {k: v for k, v in states.items() if v != "done"}
+    mids = [m.message_id.strip("<>") for m in rows]
+    assert sorted(mids) == sorted(expected)                    # each stored message once, none twice, none lost
+    assert sorted(m.intake_id for m in rows) == sorted(states)  # one message row per intake row
+    assert {m.action for m in rows} == {"created"} and len({m.case_id for m in rows}) == len(rows)
+    assert {m.case_id for m in rows} == cases == created       # each case has its message and its created event
+
 
 def test_the_listener_protocol_finds_the_same_commands_and_hooks_as_plain_aiosmtpd():
     """The listener lists its hook names once per class (a speed-up); aiosmtpd must still find them all."""

@@ -124,6 +124,8 @@ class Processor:
 
     def _store(self, item: queue.Claimed, message: Message) -> Outcome:
         with self.sessions() as s, s.begin():
+            queue.hold(s, item)           # still our claim; locked, so no other worker takes it over meanwhile
+            thr.serialize(s, message)     # workers take turns on a thread: one case per thread
             hint = self.language_hint(s, message)
             if hint and not message.language_hint:
                 from dataclasses import replace
@@ -140,7 +142,8 @@ class Processor:
                 return Outcome("duplicate", case.reference if case else None, message, t,
                                case_id=case.id if case else None)
             if decision.action == "threaded":
-                case = s.get(Case, decision.case_id)
+                # locked and read afresh: two replies counted into one case at once see each other
+                case = s.get(Case, decision.case_id, with_for_update=True, populate_existing=True)
                 self._thread(s, case, message, t, decision)
             else:
                 case = self._create(s, message, t, decision)
@@ -213,6 +216,8 @@ class Processor:
         if case.status in ("resolved", "closed"):
             changes["status"] = (case.status, "open")
             case.status = "open"
+        if "blast" in changes or "severity" in changes:
+            outage.child_updated(s, case, self.settings)  # an outage's blast radius is the sum of its children's
         case.updated_at = utcnow()
         s.add(CaseEvent(case_id=case.id, actor="bot", kind="threaded",
                         detail={"rule": d.rule, "why": d.detail, "message_id": m.message_id,

@@ -1,10 +1,13 @@
 """Threading: does a message belong to an existing case? A chain of small rules, tried in order.
 
 1. duplicate: the same message delivered twice (same Message-ID, or same content from the same sender);
-2. reply headers: In-Reply-To / References naming a message of a case (or one of our acknowledgements);
+2. reply headers: In-Reply-To / References naming a message of a case (or one of our acknowledgements), or a
+   case already holding a reply to this message (replies can be processed before their root);
 3. subject reference: [CASE-000123] in the subject, only when the sender belongs to that case's customer;
-4. slack thread: the thread_ts of a case's Slack thread;
+4. slack thread: the thread_ts of a case's Slack thread (or a case already holding a reply in this root's thread);
 otherwise a new case. Each rule's hit or miss goes into the trail.
+
+Many workers may process one thread's messages at the same moment: `serialize` makes them take turns.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from triagebot.db.tables import Case, MessageRow, ThreadKey
@@ -46,13 +49,32 @@ def message_hash(m: Message) -> str:
 
 
 def thread_keys(m: Message) -> list[str]:
-    """The keys under which later messages can find this message's case."""
-    keys = []
-    if m.message_id:
-        keys.append(f"msgid:{m.message_id.strip().lower()}")
+    """The keys under which later messages can find this message's case: its own Message-ID and Slack ts, and
+    the messages it replies to — so a reply that comes before its root, or replies to a root never seen, and
+    the root itself all meet in one case."""
+    keys = [f"msgid:{i.strip().lower()}" for i in (m.message_id, *m.in_reply_to, *m.references) if i and i.strip()]
     if m.source == "slack" and m.channel and m.ts:
         keys.append(f"slack:{m.channel}:{m.ts}")
-    return keys
+        if m.thread_ts and m.thread_ts != m.ts:
+            keys.append(f"slack:{m.channel}:{m.thread_ts}")
+    return list(dict.fromkeys(keys))
+
+
+def serialize(s: Session, m: Message) -> None:
+    """Make workers take turns on a thread: on PostgreSQL, a transaction advisory lock per key this message
+    could find or claim a case under (its thread keys, and its content for the duplicate rule), taken in one
+    global order so two workers never deadlock. The second worker then sees what the first stored. SQLite needs
+    nothing: every writing transaction there is BEGIN IMMEDIATE, one at a time."""
+    if s.get_bind().dialect.name != "postgresql":
+        return
+    names = set(thread_keys(m))
+    if m.sender:
+        names.add(f"content:{m.sender}:{message_hash(m)}")
+    ids = sorted({int.from_bytes(hashlib.sha256(n.encode("utf-8", "replace")).digest()[:8], "big", signed=True)
+                  for n in names})
+    if ids:
+        s.execute(text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:ids AS bigint[])) AS k"),
+                  {"ids": ids})
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,10 @@ class ReplyHeaders:
             key = s.get(ThreadKey, f"msgid:{ref.strip().lower()}")
             if key is not None:
                 return Decision("threaded", key.case_id, self.name, f"replies to {ref}")
+        if m.message_id:   # a reply to this very message came first
+            key = s.get(ThreadKey, f"msgid:{m.message_id.strip().lower()}")
+            if key is not None:
+                return Decision("threaded", key.case_id, self.name, f"a reply to {m.message_id} is in the case")
         return None
 
 
@@ -134,11 +160,16 @@ class SlackThread:
     name = "slack_thread"
 
     def __call__(self, s: Session, m: Message, t: Triage, ctx: Context) -> Decision | None:
-        if m.source != "slack" or not m.thread_ts or m.thread_ts == m.ts:
+        if m.source != "slack" or not m.channel:
             return None
-        key = s.get(ThreadKey, f"slack:{m.channel}:{m.thread_ts}")
-        if key is not None:
-            return Decision("threaded", key.case_id, self.name, f"in Slack thread {m.thread_ts}")
+        if m.thread_ts and m.thread_ts != m.ts:
+            key = s.get(ThreadKey, f"slack:{m.channel}:{m.thread_ts}")
+            if key is not None:
+                return Decision("threaded", key.case_id, self.name, f"in Slack thread {m.thread_ts}")
+        if m.ts:           # the root of a thread whose replies came first
+            key = s.get(ThreadKey, f"slack:{m.channel}:{m.ts}")
+            if key is not None:
+                return Decision("threaded", key.case_id, self.name, f"replies in thread {m.ts} came first")
         return None
 
 

@@ -2,7 +2,10 @@
 
 Many workers share it: on PostgreSQL a claim is `SELECT ... FOR UPDATE SKIP LOCKED`; on SQLite the
 claim runs inside BEGIN IMMEDIATE, which serializes writers. A worker that dies mid-message leaves its
-row in `processing`; once its lease (`stale_claim_seconds`) has run out, any worker takes it again.
+row in `processing`; once its lease (`stale_claim_seconds`) has run out, any worker takes it again — unless it
+has had max_attempts already (a message that kills its worker every time): then it is parked as failed.
+Processing a row is one transaction that starts with `hold`: the row locked and still this claim's, so a worker
+slower than its lease never stores a message a second time after another worker took it over.
 """
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ class Claimed:
     attempts: int
     received_at: datetime
     origin: str | None
+    claimed_by: str | None = None
+
+
+class ClaimLost(RuntimeError):
+    """The claimed row is no longer this claim's: its lease ran out and another worker took it, or it is finished."""
 
 
 def content_hash(raw: bytes) -> str:
@@ -61,8 +69,12 @@ def enqueue(sessions: sessionmaker[Session], channel: str, raw: bytes, *, origin
         return row.id
 
 
-def claim(sessions: sessionmaker[Session], worker: str, limit: int = 1, lease_seconds: int = 300) -> list[Claimed]:
-    """Take up to `limit` rows to work on: queued ones whose time has come, or ones whose lease ran out."""
+def claim(sessions: sessionmaker[Session], worker: str, limit: int = 1, lease_seconds: int = 300,
+          max_attempts: int | None = None) -> list[Claimed]:
+    """Take up to `limit` rows to work on: queued ones whose time has come, or ones whose lease ran out.
+
+    A row whose lease ran out after its max_attempts-th attempt is parked as failed instead: whatever it does
+    to the workers that take it (a crash, a hang), it has done it often enough."""
     now = utcnow()
     stale = now - timedelta(seconds=lease_seconds)
     with sessions() as s, s.begin():
@@ -74,11 +86,43 @@ def claim(sessions: sessionmaker[Session], worker: str, limit: int = 1, lease_se
         rows = list(s.scalars(q))
         out = []
         for r in rows:
+            if r.state == PROCESSING and max_attempts is not None and r.attempts >= max_attempts:
+                r.state, r.finished_at = FAILED, now
+                r.last_error = (f"worker {r.claimed_by} stopped while processing it (attempt {r.attempts} of "
+                                f"{max_attempts}; lease {lease_seconds}s ran out)")[:2000]
+                r.claimed_at = r.claimed_by = None
+                log.error("intake %s parked: %s", r.id, r.last_error)
+                continue
             r.state, r.claimed_at, r.claimed_by, r.attempts = PROCESSING, now, worker, r.attempts + 1
             plain = _opened(r)
             if plain is not None:
-                out.append(Claimed(r.id, r.channel, plain, r.attempts, _aware(r.received_at), r.origin))
+                out.append(Claimed(r.id, r.channel, plain, r.attempts, _aware(r.received_at), r.origin, worker))
         return out
+
+
+def hold(s: Session, item: Claimed) -> None:
+    """Begin processing a claimed row in the caller's transaction: lock the row and check the claim is still
+    this one (same worker, same attempt, still processing); ClaimLost when it is not.
+
+    The lock keeps a worker whose lease runs out in the middle of the message from losing the row to another
+    (their claim skips locked rows); the check stops a worker that lost its row before it began."""
+    row = s.execute(select(Intake.state, Intake.claimed_by, Intake.attempts).where(Intake.id == item.id)
+                    .with_for_update()).one_or_none()
+    if row is None or row.state != PROCESSING or row.attempts != item.attempts or (
+            item.claimed_by is not None and row.claimed_by != item.claimed_by):
+        now = "gone" if row is None else f"{row.state}, claimed by {row.claimed_by}, attempt {row.attempts}"
+        raise ClaimLost(f"intake {item.id}: claimed by {item.claimed_by} for attempt {item.attempts}, now {now}")
+
+
+def release(sessions: sessionmaker[Session], ids: list[int], worker: str) -> int:
+    """Give claimed rows this worker will not process (it is stopping) back to the queue, attempt not counted."""
+    if not ids:
+        return 0
+    with sessions() as s, s.begin():
+        res = s.execute(update(Intake).where(Intake.id.in_(ids), Intake.state == PROCESSING,
+                                             Intake.claimed_by == worker)
+                        .values(state=QUEUED, claimed_at=None, claimed_by=None, attempts=Intake.attempts - 1))
+        return res.rowcount or 0
 
 
 def _opened(r: Intake) -> bytes | None:
@@ -109,12 +153,16 @@ def mark_done(s: Session, intake_id: int) -> None:
 
 
 def mark_failed(sessions: sessionmaker[Session], intake_id: int, error: str, max_attempts: int,
-                base_delay: float = 5.0) -> str:
-    """Record a failure: retry later with exponential backoff, or park as failed after max_attempts."""
+                base_delay: float = 5.0, claimed_by: str | None = None) -> str:
+    """Record a failure: retry later with exponential backoff, or park as failed after max_attempts.
+
+    With claimed_by, only while the row is still that worker's claim (not taken over by another meanwhile)."""
     with sessions() as s, s.begin():
-        row = s.get(Intake, intake_id)
+        row = s.get(Intake, intake_id, with_for_update=True)
         if row is None:
             return FAILED
+        if claimed_by is not None and (row.state != PROCESSING or row.claimed_by != claimed_by):
+            return row.state
         row.last_error = error[:2000]
         if row.attempts >= max_attempts:
             row.state, row.finished_at = FAILED, utcnow()
@@ -152,7 +200,7 @@ def claim_one(sessions: sessionmaker[Session], intake_id: int, worker: str) -> C
         r.state, r.claimed_at, r.claimed_by, r.attempts = PROCESSING, utcnow(), worker, r.attempts + 1
         plain = _opened(r)
         if plain is not None:
-            return Claimed(r.id, r.channel, plain, r.attempts, _aware(r.received_at), r.origin)
+            return Claimed(r.id, r.channel, plain, r.attempts, _aware(r.received_at), r.origin, worker)
         why = r.last_error
     # raised only after the parking has committed
     raise crypto.CryptoError(f"intake {intake_id}: {why}")
