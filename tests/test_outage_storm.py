@@ -631,3 +631,26 @@ def test_a_report_after_the_window_starts_afresh(db_url):
         assert outage.affected_customers(s, parent) == ["alpha-fleet.example", "beta-frakt.example"]
         late = s.scalars(select(Case).where(Case.customer == "gamma-logistica.example")).one()
         assert late.parent_id is None
+
+
+def test_the_window_is_about_when_reports_arrived_not_when_a_worker_got_to_them(db_url):
+    """After a backlog, two reports that arrived minutes apart three hours ago are still one outage, and one
+    that arrived three hours after them is not, though all three are processed in the same minute."""
+    from triagebot.db.tables import Intake
+    settings = Settings(database_url=db_url, outage_window_minutes=60)
+    _engine, sessions = open_db(db_url)
+    reports = [("ops@alpha-fleet.example", "Hi, 30 of our trackers in Germany have no data since 10:00.", 185),
+               ("drift@beta-frakt.example", "Hej, 40 av våra spårare i Tyskland har ingen data sedan kl 10.", 180),
+               ("it@gamma-logistica.example", "Hola, 20 de nuestros localizadores en Alemania no tienen datos.", 0)]
+    for k, (sender, body, _ago) in enumerate(reports):
+        queue.enqueue(sessions, "email", _mail(sender, "No data", body, START, f"<backlog-{k}@{sender.split('@')[1]}>"))
+    with sessions() as s, s.begin():   # the queue was stuck: two arrived 3 hours ago, 5 minutes apart; one now
+        rows = s.scalars(select(Intake).order_by(Intake.id)).all()
+        for row, (_s, _b, ago) in zip(rows, reports):
+            row.received_at = row.received_at - timedelta(minutes=ago)
+    Worker(settings, name="backlog").run(until_empty=True)
+    with sessions() as s:
+        parent = s.scalars(select(Case).where(Case.kind == "incident")).one()
+        assert outage.affected_customers(s, parent) == ["alpha-fleet.example", "beta-frakt.example"]
+        late = s.scalars(select(Case).where(Case.customer == "gamma-logistica.example")).one()
+        assert late.parent_id is None

@@ -146,7 +146,7 @@ class Processor:
                 case = s.get(Case, decision.case_id, with_for_update=True, populate_existing=True)
                 self._thread(s, case, message, t, decision)
             else:
-                case = self._create(s, message, t, decision)
+                case = self._create(s, message, t, decision, reported_at=item.received_at)
             row = self._message_row(s, item, message, t, case.id, decision.action, trail)
             for key in thr.thread_keys(message):
                 if s.get(ThreadKey, key) is None:
@@ -172,7 +172,8 @@ class Processor:
         s.flush()
         return row
 
-    def _create(self, s: Session, m: Message, t: Triage, d: thr.Decision) -> Case:
+    def _create(self, s: Session, m: Message, t: Triage, d: thr.Decision,
+                reported_at: datetime | None = None) -> Case:
         now = utcnow()
         case = Case(customer=t.customer or m.sender_domain or m.sender, customer_tier=t.customer_tier,
                     status="open", subject=thr.clean_subject(m.subject) or _first_line(m.text),
@@ -188,7 +189,7 @@ class Processor:
                         detail={"rule": d.rule, "why": d.detail, "triage": triage_record(m, t)}))
         sig = outage.signature(m.subject, m.text, t.service, self.settings.rules_dir)
         case.features = sig.as_json()
-        outage.link(s, case, sig, self.settings)
+        outage.link(s, case, sig, self.settings, reported_at=reported_at)
         return case
 
     def _thread(self, s: Session, case: Case, m: Message, t: Triage, d: thr.Decision) -> None:

@@ -19,14 +19,14 @@ from bisect import bisect_right
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from triagebot.db.tables import Case, CaseEvent, utcnow
+from triagebot.db.tables import Case, CaseEvent, MessageRow, utcnow
 from triagebot.model import TIERS, case_reference
 from triagebot.rules_loader import RuleError, load_yaml_items, require, rules_path
 from triagebot.settings import Settings
@@ -224,16 +224,26 @@ def _lock(s: Session) -> None:
         s.execute(text("SELECT pg_advisory_xact_lock(727274)"))
 
 
-def link(s: Session, case: Case, sig: Signature, settings: Settings) -> Case | None:
-    """Attach a new incident case to an outage when other customers report the same; returns the parent."""
+def link(s: Session, case: Case, sig: Signature, settings: Settings,
+         reported_at: datetime | None = None) -> Case | None:
+    """Attach a new incident case to an outage when other customers report the same; returns the parent.
+
+    The time window is about when the reports arrived (`reported_at`, the intake time), not when a worker
+    got to them: after a backlog, reports hours apart are still hours apart.
+    """
     if case.category != "incident" or case.kind != "case" or not sig.service:
         return None
     _lock(s)
-    since = utcnow() - timedelta(minutes=settings.outage_window_minutes)
+    window = timedelta(minutes=settings.outage_window_minutes)
+    at = _aware(reported_at) if reported_at is not None else utcnow()
+    since = at - window  # a case processed before this is also reported before it: a safe first filter
     # an outage already open: join it when the report is the problem most of its children describe
     parents = s.scalars(select(Case).where(Case.kind == "incident", Case.status == "open",
                                            Case.updated_at >= since).order_by(Case.id)).all()
     for parent in parents:
+        first, last = _reports_span(s, parent.id)
+        if first is not None and (last < at - window or first > at + window):
+            continue
         ok, why = same_problem(sig, Signature.from_json(parent.features))
         if ok:
             return _join(s, case, parent, why, settings, like=None)
@@ -243,11 +253,31 @@ def link(s: Session, case: Case, sig: Signature, settings: Settings) -> Case | N
                                               Case.id != case.id, Case.customer != case.customer,
                                               Case.created_at >= since).order_by(Case.id)).all()
     for other in candidates:
+        first = _first_report(s, other.id)
+        if first is not None and abs(first - at) > window:
+            continue
         ok, why = same_problem(sig, Signature.from_json(other.features))
         if ok:
             parent = _new_parent(s, other, case, why)
             return _join(s, case, parent, why, settings, like=other)
     return None
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
+
+
+def _first_report(s: Session, case_id: int) -> datetime | None:
+    """When the first message of a case arrived (its intake time)."""
+    t = s.scalar(select(func.min(MessageRow.received_at)).where(MessageRow.case_id == case_id))
+    return _aware(t) if t is not None else None
+
+
+def _reports_span(s: Session, parent_id: int) -> tuple[datetime | None, datetime | None]:
+    """When the first and the last message of an outage's children arrived."""
+    first, last = s.execute(select(func.min(MessageRow.received_at), func.max(MessageRow.received_at))
+                            .join(Case, Case.id == MessageRow.case_id).where(Case.parent_id == parent_id)).one()
+    return (_aware(first) if first is not None else None), (_aware(last) if last is not None else None)
 
 
 def _join(s: Session, case: Case, parent: Case, why: str, settings: Settings, like: Case | None) -> Case:
