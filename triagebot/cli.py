@@ -54,7 +54,7 @@ def _print(obj: dict, as_json: bool) -> None:
 def cmd_triage(args: argparse.Namespace, settings: Settings) -> int:
     """Classify inputs without storing anything."""
     from triagebot.errors import InputError
-    from triagebot.ingest import normalize
+    from triagebot.normalize import from_raw as normalize
     from triagebot.pipeline import Pipeline, triage_record
     pipeline = Pipeline.default(settings)
     status = 0
@@ -149,8 +149,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.until_empty:
         Worker(settings).run(until_empty=True)
         return 0
-    run_workers(settings, args.concurrency)
-    return 0
+    return run_workers(settings, args.concurrency)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

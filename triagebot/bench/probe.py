@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0, c0 = time.perf_counter(), time.process_time()
     import skops.io  # noqa: F401 - the model loader's import, counted with the imports
-    from triagebot.ingest import normalize
+    from triagebot.normalize import from_raw as normalize
     from triagebot.pipeline import Pipeline, triage_record
     from triagebot.settings import Settings
     from triagebot.steps import TRIAGE_STEPS

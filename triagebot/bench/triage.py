@@ -1,6 +1,6 @@
 """End-to-end triage throughput on one core: raw RFC 822 bytes in, the CONTRACT.md record out.
 
-The path is the one `triagebot triage` takes for each input: `ingest.normalize` (MIME, charsets, HTML, quotes,
+The path is the one `triagebot triage` takes for each input: `normalize.from_raw` (MIME, charsets, HTML, quotes,
 signatures, attachments), `Pipeline.run` (disposition, language, customer, classify, blast radius, severity) and
 `pipeline.triage_record`. Reading the file is left out. The messages are a mix of typical support mail:
 
@@ -146,7 +146,7 @@ def _profile(one, raws: list[bytes], top: int) -> str:
 def profile(corpus: Corpus, settings=None, top: int = 25) -> str:
     """cProfile listing (cumulative, `top` lines) of one pass over the corpus, after an unprofiled pass."""
     from triagebot.errors import InputError
-    from triagebot.ingest import normalize
+    from triagebot.normalize import from_raw as normalize
     from triagebot.pipeline import Pipeline, triage_record
     from triagebot.settings import Settings
 
@@ -176,7 +176,7 @@ def measure(corpus: Corpus, settings=None, passes: int = 5, profile_top: int = 0
        is an upper bound, reported beside the headline.
     """
     from triagebot.errors import InputError
-    from triagebot.ingest import normalize
+    from triagebot.normalize import from_raw as normalize
     from triagebot.pipeline import Pipeline, triage_record
     from triagebot.settings import Settings
 

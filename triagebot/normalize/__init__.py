@@ -46,6 +46,20 @@ def storable(message: Message) -> Message:
     return replace(message, **changes) if changes else message
 
 
+def from_raw(channel: str, raw: bytes) -> Message:
+    """Raw bytes of a channel (an RFC 822 mail, or a Slack event as JSON) to a Message; InputError when the
+    content is unreadable."""
+    from triagebot.normalize.email import parse_email
+    from triagebot.normalize.slack import parse_slack
+    if channel == "slack":
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd numbers, absurd nesting
+            raise InputError(f"not valid JSON: {type(e).__name__}: {e}") from None
+        return parse_slack(payload)
+    return parse_email(raw)
+
+
 def message_from_text(channel: str, subject: str | None, body: str, html: bool = False,
                       headers: dict | None = None) -> Message:
     """A Message from training-data fields: the body as received (HTML when html), split into new/quoted/signature."""
