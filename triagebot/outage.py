@@ -240,24 +240,27 @@ def link(s: Session, case: Case, sig: Signature, settings: Settings,
     # an outage already open: join it when the report is the problem most of its children describe
     parents = s.scalars(select(Case).where(Case.kind == "incident", Case.status == "open",
                                            Case.updated_at >= since).order_by(Case.id)).all()
+    spans = _reports_spans(s, [p.id for p in parents])
     for parent in parents:
-        first, last = _reports_span(s, parent.id)
+        first, last = spans.get(parent.id, (None, None))
         if first is not None and (last < at - window or first > at + window):
             continue
         ok, why = same_problem(sig, Signature.from_json(parent.features))
         if ok:
             return _join(s, case, parent, why, settings, like=None)
     # or another customer's open incident not yet in an outage: the two open one
-    candidates = s.scalars(select(Case).where(Case.kind == "case", Case.category == "incident",
-                                              Case.status == "open", Case.parent_id.is_(None),
-                                              Case.id != case.id, Case.customer != case.customer,
-                                              Case.created_at >= since).order_by(Case.id)).all()
-    for other in candidates:
-        first = _first_report(s, other.id)
+    # (only their ids and signatures are read: in busy hours there are many, and few are the same problem)
+    candidates = s.execute(select(Case.id, Case.features).where(
+        Case.kind == "case", Case.category == "incident", Case.status == "open", Case.parent_id.is_(None),
+        Case.id != case.id, Case.customer != case.customer, Case.created_at >= since).order_by(Case.id)).all()
+    firsts = _first_reports(s, [cid for cid, _f in candidates])
+    for other_id, features in candidates:
+        first = firsts.get(other_id)
         if first is not None and abs(first - at) > window:
             continue
-        ok, why = same_problem(sig, Signature.from_json(other.features))
+        ok, why = same_problem(sig, Signature.from_json(features))
         if ok:
+            other = s.get(Case, other_id)
             parent = _new_parent(s, other, case, why)
             return _join(s, case, parent, why, settings, like=other)
     return None
@@ -267,17 +270,25 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
 
 
-def _first_report(s: Session, case_id: int) -> datetime | None:
-    """When the first message of a case arrived (its intake time)."""
-    t = s.scalar(select(func.min(MessageRow.received_at)).where(MessageRow.case_id == case_id))
-    return _aware(t) if t is not None else None
+def _first_reports(s: Session, case_ids: list[int]) -> dict[int, datetime]:
+    """When the first message of each case arrived (its intake time), in one query."""
+    out: dict[int, datetime] = {}
+    for i in range(0, len(case_ids), 500):
+        rows = s.execute(select(MessageRow.case_id, func.min(MessageRow.received_at))
+                         .where(MessageRow.case_id.in_(case_ids[i:i + 500])).group_by(MessageRow.case_id))
+        out.update({cid: _aware(t) for cid, t in rows if t is not None})
+    return out
 
 
-def _reports_span(s: Session, parent_id: int) -> tuple[datetime | None, datetime | None]:
-    """When the first and the last message of an outage's children arrived."""
-    first, last = s.execute(select(func.min(MessageRow.received_at), func.max(MessageRow.received_at))
-                            .join(Case, Case.id == MessageRow.case_id).where(Case.parent_id == parent_id)).one()
-    return (_aware(first) if first is not None else None), (_aware(last) if last is not None else None)
+def _reports_spans(s: Session, parent_ids: list[int]) -> dict[int, tuple[datetime, datetime]]:
+    """When the first and the last message of each outage's children arrived, in one query."""
+    out: dict[int, tuple[datetime, datetime]] = {}
+    for i in range(0, len(parent_ids), 500):
+        rows = s.execute(select(Case.parent_id, func.min(MessageRow.received_at), func.max(MessageRow.received_at))
+                         .join(Case, Case.id == MessageRow.case_id)
+                         .where(Case.parent_id.in_(parent_ids[i:i + 500])).group_by(Case.parent_id))
+        out.update({pid: (_aware(a), _aware(b)) for pid, a, b in rows if a is not None})
+    return out
 
 
 def _join(s: Session, case: Case, parent: Case, why: str, settings: Settings, like: Case | None) -> Case:
