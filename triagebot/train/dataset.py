@@ -134,18 +134,23 @@ def _check(rec: Any, where: str) -> list[str]:
     return errs
 
 
-def load_file(path: Path) -> tuple[list[LabelledExample], list[str]]:
-    """The examples of one JSONL file and the problems found in it (file:line each)."""
-    examples, errors = [], []
+def read_records(path: Path, errors: list[str]) -> Iterable[tuple[str, Any]]:
+    """(file:line, parsed JSON) of each non-empty line; a line that is not JSON goes to `errors` instead."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
         try:
-            rec = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as e:
             errors.append(f"{where}: not valid JSON: {e.msg} (column {e.colno})")
-            continue
+
+
+def load_file(path: Path) -> tuple[list[LabelledExample], list[str]]:
+    """The examples of one JSONL file and the problems found in it (file:line each)."""
+    examples: list[LabelledExample] = []
+    errors: list[str] = []
+    for where, rec in read_records(path, errors):
         problems = _check(rec, where)
         if problems:
             errors.extend(problems)

@@ -85,17 +85,9 @@ NOT_CASES = ("auto_reply", "bounce")
 def _load_records(path: Path) -> tuple[list[ds.LabelledExample], list[str]]:
     """Like dataset.load_file, and also lines labelled `disposition` auto_reply/bounce (their other labels
     are null: they are never classified) and an optional `headers` object the message arrives with."""
-    import json
-    examples, errors = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"{where}: not valid JSON: {e.msg} (column {e.colno})")
-            continue
+    examples: list[ds.LabelledExample] = []
+    errors: list[str] = []
+    for where, rec in ds.read_records(path, errors):
         labels = rec.get("labels") if isinstance(rec, dict) else None
         disposition = labels.get("disposition", "case") if isinstance(labels, dict) else "case"
         if disposition not in ("case",) + NOT_CASES:
