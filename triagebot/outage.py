@@ -41,6 +41,7 @@ MENTION_KINDS = ("absent", "unaffected", "trouble", "working")
 COUNTRIES_FILE = "countries.yaml"
 
 WORD = re.compile(r"[^\W\d_]{4,}", re.UNICODE)
+MAX_CANDIDATES = 500  # unlinked incident cases compared with a new one (the newest in the window)
 SIMILAR = 0.3  # cosine of word counts (stopwords left out) above which two reports without a country are one problem
 MIN_SHARED_WORDS = 2  # and at least this many words in common: one shared noun ("router") is not a problem
 CENTROID_WORDS = 60
@@ -238,28 +239,28 @@ def link(s: Session, case: Case, sig: Signature, settings: Settings,
     at = _aware(reported_at) if reported_at is not None else utcnow()
     since = at - window  # a case processed before this is also reported before it: a safe first filter
     # an outage already open: join it when the report is the problem most of its children describe
-    parents = s.scalars(select(Case).where(Case.kind == "incident", Case.status == "open",
-                                           Case.updated_at >= since).order_by(Case.id)).all()
-    spans = _reports_spans(s, [p.id for p in parents])
-    for parent in parents:
-        first, last = spans.get(parent.id, (None, None))
-        if first is not None and (last < at - window or first > at + window):
+    parents = s.execute(select(Case.id, Case.features).where(Case.kind == "incident", Case.status == "open",
+                                                             Case.updated_at >= since).order_by(Case.id)).all()
+    for parent_id, features in parents:
+        ok, why = same_problem(sig, Signature.from_json(features))
+        if not ok:
             continue
-        ok, why = same_problem(sig, Signature.from_json(parent.features))
-        if ok:
-            return _join(s, case, parent, why, settings, like=None)
+        first, last = _reports_spans(s, [parent_id]).get(parent_id, (None, None))
+        if first is None or (at - window <= last and first <= at + window):
+            return _join(s, case, s.get(Case, parent_id), why, settings, like=None)
     # or another customer's open incident not yet in an outage: the two open one
-    # (only their ids and signatures are read: in busy hours there are many, and few are the same problem)
+    # (only their ids and signatures are read, the newest MAX_CANDIDATES of them: in a busy hour there are
+    # many, and few are the same problem; a storm's later reports pair with its recent ones)
     candidates = s.execute(select(Case.id, Case.features).where(
         Case.kind == "case", Case.category == "incident", Case.status == "open", Case.parent_id.is_(None),
-        Case.id != case.id, Case.customer != case.customer, Case.created_at >= since).order_by(Case.id)).all()
-    firsts = _first_reports(s, [cid for cid, _f in candidates])
-    for other_id, features in candidates:
-        first = firsts.get(other_id)
-        if first is not None and abs(first - at) > window:
-            continue
+        Case.id != case.id, Case.customer != case.customer, Case.created_at >= since)
+        .order_by(Case.id.desc()).limit(MAX_CANDIDATES)).all()
+    for other_id, features in reversed(candidates):
         ok, why = same_problem(sig, Signature.from_json(features))
-        if ok:
+        if not ok:
+            continue
+        first = _first_reports(s, [other_id]).get(other_id)
+        if first is None or abs(first - at) <= window:
             other = s.get(Case, other_id)
             parent = _new_parent(s, other, case, why)
             return _join(s, case, parent, why, settings, like=other)
