@@ -610,10 +610,12 @@ def enqueue(items: list[Item], engine, sessions, settings, arrivals: list[float]
 # workers
 # ---------------------------------------------------------------------------------------------------------
 
-def worker_env(url: str) -> dict[str, str]:
-    """The environment of a worker: ours without any TRIAGEBOT_/SLACK_ setting, plus the database."""
+def worker_env(url: str, settings: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker: ours without any TRIAGEBOT_/SLACK_ setting, plus the database and the
+    settings asked for (--worker-setting worker_batch=1 becomes TRIAGEBOT_WORKER_BATCH=1)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TRIAGEBOT_", "SLACK_")) and k not in ("AGENT_CHANNEL",)}
+    env.update({f"TRIAGEBOT_{k.upper()}": v for k, v in (settings or {}).items()})
     env["TRIAGEBOT_DATABASE_URL"] = url
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -663,7 +665,8 @@ class Workers:
     launch "supervisor": one `triagebot worker --concurrency N`, whose supervisor forks the N workers.
     """
 
-    def __init__(self, schema: Schema, n: int, logdir: Path, launch: str = "processes") -> None:
+    def __init__(self, schema: Schema, n: int, logdir: Path, launch: str = "processes",
+                 settings: dict[str, str] | None = None) -> None:
         self.schema, self.n, self.logdir, self.launch = schema, n, logdir, launch
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -674,7 +677,7 @@ class Workers:
             self.logs.append(log)
             with open(log, "wb") as fh:
                 self.procs.append(subprocess.Popen(triagebot_cmd() + args, stdout=fh, stderr=subprocess.STDOUT,
-                                                   env=worker_env(schema.url(f"{schema.name}_w{i}")),
+                                                   env=worker_env(schema.url(f"{schema.name}_w{i}"), settings),
                                                    cwd=str(ROOT), start_new_session=True,
                                                    preexec_fn=_die_with_parent))
 
@@ -1018,7 +1021,7 @@ def _stats(engine, items: list[Item], enq: Enqueued, since: float | None, warm: 
 
 def run_once(mode: str, n_workers: int, items: list[Item], base_url: str, *, rate: float = 0.0,
              burst_factor: float = 4.0, timeout: float = 3600.0, keep: bool = False, quiet: bool = False,
-             launch: str = "processes") -> dict:
+             launch: str = "processes", worker_settings: dict[str, str] | None = None) -> dict:
     """One fresh schema, one mode, one worker count: the row of the table and everything behind it."""
     from sqlalchemy import text
     from triagebot.settings import Settings
@@ -1038,7 +1041,7 @@ def run_once(mode: str, n_workers: int, items: list[Item], base_url: str, *, rat
                 f"(Slack take_in {enq.slack_seconds:.1f} s of it), {len(enq.refused)} Slack redeliveries refused")
             with engine.begin() as c:   # hold the queue while the workers start
                 c.execute(text("UPDATE intake SET not_before = now() + interval '1 day'"))
-            workers = Workers(schema, n_workers, logdir, launch)
+            workers = Workers(schema, n_workers, logdir, launch, worker_settings)
             startup = workers.wait_ready()
             # warm-up: the pipeline loads part of its models on a worker's first message (seconds); release the
             # first rows until every worker has processed one, and keep them out of the figures
@@ -1058,7 +1061,7 @@ def run_once(mode: str, n_workers: int, items: list[Item], base_url: str, *, rat
             wait_drained(engine, workers, timeout)
             since = released
         else:
-            workers = Workers(schema, n_workers, logdir, launch)
+            workers = Workers(schema, n_workers, logdir, launch, worker_settings)
             startup = workers.wait_ready()
             parts, k = [], 0
             while k < len(items) and (k == 0 or busy_workers(engine) < n_workers) and k < 50 * step:
@@ -1083,8 +1086,8 @@ def run_once(mode: str, n_workers: int, items: list[Item], base_url: str, *, rat
         errors = workers.errors()
         result = _stats(engine, items, enq, since, warm_ids)
         chk = check(engine, items, enq)
-        result.update(mode=mode, workers=n_workers, launch=launch, rate=rate if mode == "paced" else None,
-                      startup_s=startup,
+        result.update(mode=mode, workers=n_workers, launch=launch, worker_settings=worker_settings or {},
+                      rate=rate if mode == "paced" else None, startup_s=startup,
                       enqueue_s=enq.seconds, enqueue_msg_per_s=len(enq.ids) / enq.seconds if enq.seconds else 0,
                       enqueue_slack_s=enq.slack_seconds, refused=len(enq.refused),
                       worker_cpu_s=cpu, worker_cpu_ms_per_msg=cpu * 1000 / max(1, result["rows"]),
@@ -1192,7 +1195,8 @@ def run_benchmark(messages: int = 20000, workers: list[int] | None = None, base_
                   modes: tuple[str, ...] = ("batch", "paced"), rate: float | None = None,
                   paced_messages: int | None = None, burst_factor: float = 4.0, seed: int = 7,
                   reply_min_gap: int = 100, timeout: float = 3600.0, keep: bool = False,
-                  quiet: bool = False, launch: str = "processes") -> dict:
+                  quiet: bool = False, launch: str = "processes",
+                  worker_settings: dict[str, str] | None = None) -> dict:
     """Every run of the benchmark; returns {"machine", "traffic", "results", "table"}."""
     workers = workers or [1, 2, 4]
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -1204,7 +1208,8 @@ def run_benchmark(messages: int = 20000, workers: list[int] | None = None, base_
         f"{' '.join(f'{x:.2f}' for x in m['loadavg'])}; workers {workers} as "
         + ("separate `triagebot worker` processes" if launch == "processes" else "`triagebot worker --concurrency N`")
         + (" (more than the cores: oversubscribed)" if max(workers) > m["usable_cores"] else "")
-        + f"; code {m['code']}")
+        + f"; code {m['code']}"
+        + (f"; worker settings {worker_settings}" if worker_settings else ""))
     t0 = time.perf_counter()
     items = generate(messages, seed, reply_min_gap)
     comp = composition(items)
@@ -1214,7 +1219,8 @@ def run_benchmark(messages: int = 20000, workers: list[int] | None = None, base_
     if "batch" in modes:
         for n in workers:
             say(f"batch, {n} worker(s):")
-            r = run_once("batch", n, items, base_url, timeout=timeout, keep=keep, quiet=quiet, launch=launch)
+            r = run_once("batch", n, items, base_url, timeout=timeout, keep=keep, quiet=quiet, launch=launch,
+                         worker_settings=worker_settings)
             say(describe(r))
             results.append(r)
     paced_items = None
@@ -1230,7 +1236,7 @@ def run_benchmark(messages: int = 20000, workers: list[int] | None = None, base_
         for n in workers:
             say(f"paced, {n} worker(s):")
             r = run_once("paced", n, paced_items, base_url, rate=rate, burst_factor=burst_factor, timeout=timeout,
-                         keep=keep, quiet=quiet, launch=launch)
+                         keep=keep, quiet=quiet, launch=launch, worker_settings=worker_settings)
             say(describe(r))
             results.append(r)
     table = format_table(results)
@@ -1251,7 +1257,8 @@ def run_benchmark(messages: int = 20000, workers: list[int] | None = None, base_
     say(table)
     return {"machine": m, "traffic": comp, "paced_traffic": composition(paced_items) if paced_items else None,
             "config": {"messages": messages, "workers": workers, "modes": list(modes), "rate": rate,
-                       "burst_factor": burst_factor, "seed": seed, "reply_min_gap": reply_min_gap, "launch": launch},
+                       "burst_factor": burst_factor, "seed": seed, "reply_min_gap": reply_min_gap, "launch": launch,
+                       "worker_settings": worker_settings or {}},
             "results": results, "table": table}
 
 
@@ -1276,6 +1283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take to drain the queue")
     p.add_argument("--launch", choices=("processes", "supervisor"), default="processes",
                    help="N separate `triagebot worker` processes (default), or one `triagebot worker --concurrency N`")
+    p.add_argument("--worker-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a Settings field for the workers, e.g. worker_batch=1 (TRIAGEBOT_WORKER_BATCH); repeatable")
     p.add_argument("--keep", action="store_true", help="keep the schemas and worker logs (to look into a failure)")
     args = p.parse_args(argv)
 
@@ -1284,6 +1293,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
     workers = [int(x) for x in args.workers.split(",") if x.strip()]
+    if any("=" not in x for x in args.worker_setting):
+        p.error("--worker-setting takes NAME=VALUE")
+    worker_settings = dict(x.split("=", 1) for x in args.worker_setting)
     modes = tuple(x.strip() for x in args.modes.split(",") if x.strip())
     if args.rate == 0:
         modes = tuple(x for x in modes if x != "paced")
@@ -1292,7 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run_benchmark(args.messages, workers, args.database_url, modes, args.rate, args.paced_messages,
                             args.burst_factor, args.seed, args.reply_min_gap, args.timeout, args.keep,
-                            launch=args.launch)
+                            launch=args.launch, worker_settings=worker_settings)
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'SIGINT'}): workers stopped, schema dropped", file=sys.stderr)
         return 130
