@@ -997,6 +997,11 @@ def _stats(engine, items: list[Item], enq: Enqueued, since: float | None, warm: 
     start = since if since is not None else min(r.received_at.timestamp() for r in rows)
     lat = [(r.finished_at.timestamp() - max(r.received_at.timestamp(), since or 0.0)) * 1000 for r in done]
     burst_set = set(burst_ids)
+    # where the time goes: waiting to be claimed (idle polling, backlog), and claimed -> committed (the
+    # message's own processing, after those claimed before it in the same batch)
+    waits = [(r.claimed_at.timestamp() - max(r.received_at.timestamp(), since or 0.0)) * 1000
+             for r in done if r.claimed_at is not None]
+    work = [(r.finished_at - r.claimed_at).total_seconds() * 1000 for r in done if r.claimed_at is not None]
     lat_burst = [(r.finished_at.timestamp() - max(r.received_at.timestamp(), since or 0.0)) * 1000
                  for r in done if r.id in burst_set]
     last = max(r.finished_at.timestamp() for r in done) if done else start
@@ -1012,6 +1017,8 @@ def _stats(engine, items: list[Item], enq: Enqueued, since: float | None, warm: 
     per_worker = Counter((r.claimed_by or "?").rsplit(":", 1)[-1] for r in done)
     return {"rows": len(rows), "wall_s": wall, "msg_per_s": len(done) / wall,
             "p50_ms": _pct(lat, 50), "p90_ms": _pct(lat, 90), "p99_ms": _pct(lat, 99), "max_ms": max(lat, default=0),
+            "claim_wait_p50_ms": _pct(waits, 50), "claim_wait_p99_ms": _pct(waits, 99),
+            "claimed_to_done_p50_ms": _pct(work, 50), "claimed_to_done_p99_ms": _pct(work, 99),
             "burst_p50_ms": _pct(lat_burst, 50), "burst_p99_ms": _pct(lat_burst, 99),
             "cases": cases[0], "incident_parents": cases[1], "ignored": ignored,
             "failed": sum(1 for r in all_rows if r.state == "failed"),
@@ -1159,6 +1166,9 @@ def describe(r: dict) -> str:
         s += "\n  PROBLEMS: " + "; ".join(r["problems"])
     if r["worker_errors"]:
         s += "\n  worker errors: " + ", ".join(f"{k} x{v}" for k, v in r["worker_errors"].items())
+    s += (f"\n  latency parts p50/p99: waiting to be claimed {r['claim_wait_p50_ms']:.0f}/"
+          f"{r['claim_wait_p99_ms']:.0f} ms, claimed -> committed {r['claimed_to_done_p50_ms']:.0f}/"
+          f"{r['claimed_to_done_p99_ms']:.0f} ms")
     s += (f"\n  outage burst: {r['burst_cases']} cases under {r['burst_parents']} parent(s), {r['burst_unlinked']} "
           f"unlinked; burst p50/p99 {r['burst_p50_ms']:.0f}/{r['burst_p99_ms']:.0f} ms; {r['cases']} cases + "
           f"{r['incident_parents']} outage parents; msg/s by quarter {r['msg_per_s_by_quarter']}; rows per worker "

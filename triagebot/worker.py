@@ -66,7 +66,7 @@ class Worker:
                           type(e).__name__, traceback.format_exc(limit=3))
         return len(items)
 
-    def run(self, idle_sleep: float = 0.5, until_empty: bool = False) -> None:
+    def run(self, idle_sleep: float = 0.2, until_empty: bool = False) -> None:
         """Loop until stopped (SIGTERM/SIGINT), or until the queue is empty when until_empty.
 
         A database that is down or a claim that fails does not end the loop: it is logged and tried again."""

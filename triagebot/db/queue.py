@@ -78,12 +78,14 @@ def claim(sessions: sessionmaker[Session], worker: str, limit: int = 1, lease_se
     now = utcnow()
     stale = now - timedelta(seconds=lease_seconds)
     with sessions() as s, s.begin():
-        q = (select(Intake)
+        # lock the ids first, then read the rows: sorting a deep backlog with its payloads spills to disk
+        q = (select(Intake.id)
              .where(((Intake.state == QUEUED) & (Intake.not_before <= now))
                     | ((Intake.state == PROCESSING) & (Intake.claimed_at < stale)))
              .order_by(Intake.id).limit(limit)
              .with_for_update(skip_locked=True))
-        rows = list(s.scalars(q))
+        ids = list(s.scalars(q))
+        rows = list(s.scalars(select(Intake).where(Intake.id.in_(ids)).order_by(Intake.id))) if ids else []
         out = []
         for r in rows:
             if r.state == PROCESSING and max_attempts is not None and r.attempts >= max_attempts:
