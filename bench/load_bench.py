@@ -808,7 +808,7 @@ class Check:
 def _repeats_a_stored_message(engine, it: Item, intake_id: int) -> bool:
     from sqlalchemy import text
     from triagebot import threading as thr
-    from triagebot.ingest import normalize
+    from triagebot.normalize import from_raw as normalize
     m = normalize(it.channel, it.raw)
     with engine.connect() as c:
         return c.execute(text("SELECT 1 FROM messages WHERE intake_id <> :i AND (message_id = :mid OR "

@@ -154,7 +154,7 @@ _WARM: list = []
 def warm_pipeline():
     """One pipeline with its models loaded, built in the test process and inherited by forked workers."""
     if not _WARM:
-        from triagebot.ingest import normalize
+        from triagebot.normalize import from_raw as normalize
         from triagebot.pipeline import Pipeline
         from triagebot.settings import Settings
         pipeline = Pipeline.default(Settings())

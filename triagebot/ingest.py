@@ -16,7 +16,7 @@ from triagebot.db import queue
 from triagebot.db.tables import Case, CaseEvent, Intake, MessageRow, ThreadKey, utcnow
 from triagebot.errors import InputError
 from triagebot.model import Message, Triage, case_reference
-from triagebot.normalize import from_raw as normalize  # noqa: F401 - the worker's and tests' name for it
+from triagebot.normalize import from_raw
 from triagebot.pipeline import Pipeline, triage_record
 from triagebot.settings import Settings
 
@@ -84,7 +84,7 @@ class Processor:
     def process(self, item: queue.Claimed) -> Outcome:
         """Process one claimed row. Content errors park it as failed at once; other errors propagate."""
         try:
-            message = normalize(item.channel, item.raw)
+            message = from_raw(item.channel, item.raw)
         except InputError as e:
             with self.sessions() as s, s.begin():
                 row = s.get(Intake, item.id)

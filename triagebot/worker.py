@@ -18,7 +18,8 @@ import traceback
 
 from triagebot.db import queue
 from triagebot.db.engine import open_db
-from triagebot.ingest import Processor, normalize
+from triagebot.ingest import Processor
+from triagebot.normalize import from_raw
 from triagebot.pipeline import Pipeline
 from triagebot.settings import Settings
 
@@ -109,7 +110,7 @@ def warm_pipeline(settings: Settings) -> Pipeline | None:
         return None
     try:
         pipeline = Pipeline.default(settings)
-        pipeline.run(normalize("email", b"From: warm@localhost\r\nSubject: warm up\r\n\r\nThe SIM in our tracker "
+        pipeline.run(from_raw("email", b"From: warm@localhost\r\nSubject: warm up\r\n\r\nThe SIM in our tracker "
                                         b"has no data since this morning.\r\n"))
         return pipeline
     except Exception:  # noqa: BLE001
