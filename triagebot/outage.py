@@ -19,14 +19,14 @@ from bisect import bisect_right
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from triagebot.db.tables import Case, CaseEvent, MessageRow, utcnow
+from triagebot.db.tables import Case, CaseEvent, MessageRow, as_utc, utcnow
 from triagebot.model import TIERS, case_reference
 from triagebot.rules_loader import RuleError, load_yaml_items, require, rules_path
 from triagebot.settings import Settings
@@ -236,7 +236,7 @@ def link(s: Session, case: Case, sig: Signature, settings: Settings,
         return None
     _lock(s)
     window = timedelta(minutes=settings.outage_window_minutes)
-    at = _aware(reported_at) if reported_at is not None else utcnow()
+    at = as_utc(reported_at) if reported_at is not None else utcnow()
     since = at - window  # a case processed before this is also reported before it: a safe first filter
     # an outage already open: join it when the report is the problem most of its children describe
     parents = s.execute(select(Case.id, Case.features).where(Case.kind == "incident", Case.status == "open",
@@ -245,7 +245,7 @@ def link(s: Session, case: Case, sig: Signature, settings: Settings,
         ok, why = same_problem(sig, Signature.from_json(features))
         if not ok:
             continue
-        first, last = _reports_spans(s, [parent_id]).get(parent_id, (None, None))
+        first, last = _reports_span(s, parent_id)
         if first is None or (at - window <= last and first <= at + window):
             return _join(s, case, s.get(Case, parent_id), why, settings, like=None)
     # or another customer's open incident not yet in an outage: the two open one
@@ -259,7 +259,7 @@ def link(s: Session, case: Case, sig: Signature, settings: Settings,
         ok, why = same_problem(sig, Signature.from_json(features))
         if not ok:
             continue
-        first = _first_reports(s, [other_id]).get(other_id)
+        first = _first_report(s, other_id)
         if first is None or abs(first - at) <= window:
             other = s.get(Case, other_id)
             parent = _new_parent(s, other, case, why)
@@ -267,29 +267,17 @@ def link(s: Session, case: Case, sig: Signature, settings: Settings,
     return None
 
 
-def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
+def _first_report(s: Session, case_id: int) -> datetime | None:
+    """When the first message of a case arrived (its intake time)."""
+    t = s.scalar(select(func.min(MessageRow.received_at)).where(MessageRow.case_id == case_id))
+    return as_utc(t) if t is not None else None
 
 
-def _first_reports(s: Session, case_ids: list[int]) -> dict[int, datetime]:
-    """When the first message of each case arrived (its intake time), in one query."""
-    out: dict[int, datetime] = {}
-    for i in range(0, len(case_ids), 500):
-        rows = s.execute(select(MessageRow.case_id, func.min(MessageRow.received_at))
-                         .where(MessageRow.case_id.in_(case_ids[i:i + 500])).group_by(MessageRow.case_id))
-        out.update({cid: _aware(t) for cid, t in rows if t is not None})
-    return out
-
-
-def _reports_spans(s: Session, parent_ids: list[int]) -> dict[int, tuple[datetime, datetime]]:
-    """When the first and the last message of each outage's children arrived, in one query."""
-    out: dict[int, tuple[datetime, datetime]] = {}
-    for i in range(0, len(parent_ids), 500):
-        rows = s.execute(select(Case.parent_id, func.min(MessageRow.received_at), func.max(MessageRow.received_at))
-                         .join(Case, Case.id == MessageRow.case_id)
-                         .where(Case.parent_id.in_(parent_ids[i:i + 500])).group_by(Case.parent_id))
-        out.update({pid: (_aware(a), _aware(b)) for pid, a, b in rows if a is not None})
-    return out
+def _reports_span(s: Session, parent_id: int) -> tuple[datetime | None, datetime | None]:
+    """When the first and the last message of an outage's children arrived."""
+    first, last = s.execute(select(func.min(MessageRow.received_at), func.max(MessageRow.received_at))
+                            .join(Case, Case.id == MessageRow.case_id).where(Case.parent_id == parent_id)).one()
+    return (as_utc(first), as_utc(last)) if first is not None else (None, None)
 
 
 def _join(s: Session, case: Case, parent: Case, why: str, settings: Settings, like: Case | None) -> Case:

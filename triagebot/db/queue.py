@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triagebot import crypto
-from triagebot.db.tables import Intake, utcnow
+from triagebot.db.tables import Intake, as_utc, utcnow
 
 QUEUED, PROCESSING, DONE, FAILED = "queued", "processing", "done", "failed"
 # flags privacy.purge / privacy.forget set on a row whose raw bytes they removed
@@ -98,7 +98,7 @@ def claim(sessions: sessionmaker[Session], worker: str, limit: int = 1, lease_se
             r.state, r.claimed_at, r.claimed_by, r.attempts = PROCESSING, now, worker, r.attempts + 1
             plain = _opened(r)
             if plain is not None:
-                out.append(Claimed(r.id, r.channel, plain, r.attempts, _aware(r.received_at), r.origin, worker))
+                out.append(Claimed(r.id, r.channel, plain, r.attempts, as_utc(r.received_at), r.origin, worker))
         return out
 
 
@@ -191,10 +191,6 @@ def counts(sessions: sessionmaker[Session]) -> dict[str, int]:
         return {state: n for state, n in s.execute(select(Intake.state, func.count()).group_by(Intake.state))}
 
 
-def _aware(d: datetime) -> datetime:
-    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
-
-
 def claim_one(sessions: sessionmaker[Session], intake_id: int, worker: str) -> Claimed:
     """Claim one given row (for `triagebot ingest`, which processes what it just stored, in order)."""
     with sessions() as s, s.begin():
@@ -202,7 +198,7 @@ def claim_one(sessions: sessionmaker[Session], intake_id: int, worker: str) -> C
         r.state, r.claimed_at, r.claimed_by, r.attempts = PROCESSING, utcnow(), worker, r.attempts + 1
         plain = _opened(r)
         if plain is not None:
-            return Claimed(r.id, r.channel, plain, r.attempts, _aware(r.received_at), r.origin, worker)
+            return Claimed(r.id, r.channel, plain, r.attempts, as_utc(r.received_at), r.origin, worker)
         why = r.last_error
     # raised only after the parking has committed
     raise crypto.CryptoError(f"intake {intake_id}: {why}")

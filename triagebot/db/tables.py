@@ -15,6 +15,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(t: datetime) -> datetime:
+    """A stored time, timezone-aware: SQLite hands back naive UTC."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
 class Base(DeclarativeBase):
     pass
 
